@@ -1,0 +1,44 @@
+# Two commands set everything up from a bare machine:
+#   make serve   - create/refresh the venv, then serve the API on :3000
+#   make test    - create/refresh the venv, then lint, type-check and run the tests
+# Configuration goes through environment variables (see README): e.g.
+#   RIFFUSION_MODEL=tiny make serve
+
+PYTHON ?= python3
+UV ?= $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+VENV := .venv
+RUN := $(UV) run --frozen --all-extras
+PORT ?= 3000
+
+.PHONY: venv serve test lint typecheck pytest bench loadtest seed-images clean
+
+venv: $(VENV)/.synced
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
+	$(UV) sync --frozen --all-extras
+	@touch $@
+
+serve: venv
+	$(RUN) bentoml serve service:Riffusion --host 0.0.0.0 --port $(PORT)
+
+lint: venv
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+typecheck: venv
+	$(RUN) mypy
+
+pytest: venv
+	$(RUN) pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+seed-images: venv
+	$(RUN) riffusion make-seed-images seed_images
+
+loadtest: venv
+	$(RUN) python -m load_tests.run $(LOADTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

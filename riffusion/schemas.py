@@ -1,0 +1,140 @@
+"""Typed generation jobs shared by the pipeline, the CLI and the service.
+
+One ``GenerationJob`` describes one clip. Riffusion's "riffuse" (start/end
+prompt inputs interpolated at ``alpha`` on a seed image) and text-to-audio
+(no seed image; width from the requested duration) are the same job type, so
+the pipeline can batch any mix of them.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_PROMPT_CHARS = 1000
+MAX_SEED = 2**32 - 1
+MIN_STEPS, MAX_STEPS = 1, 150
+MAX_GUIDANCE = 30.0
+# Latent width must be a whole number of latent pixels: 8 image pixels each.
+WIDTH_MULTIPLE = 8
+MIN_WIDTH, MAX_WIDTH = 64, 2048
+DEFAULT_WIDTH = 512
+HEIGHT = 512  # one row per mel bin
+ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+ImageId = Annotated[
+    str,
+    Field(
+        pattern=ID_PATTERN,
+        description="Id from the seed-image library (lowercase letters, digits, '_' and '-').",
+        examples=["og_beat"],
+    ),
+]
+
+
+class SchedulerName(str, Enum):
+    """Diffusion schedulers a job may ask for (default: the checkpoint's own)."""
+
+    ddim = "ddim"
+    pndm = "pndm"
+    dpm_multistep = "dpm_multistep"
+    euler = "euler"
+    euler_ancestral = "euler_ancestral"
+    lms = "lms"
+
+
+class PromptInput(BaseModel):
+    """One end of an interpolation: text, seed and how strongly to follow them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="What the music should sound like. Supports (word:1.3), (word), [word].",
+        examples=["church bells on sunday"],
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Noise seed.", examples=[42])
+    negative_prompt: str | None = Field(
+        default=None,
+        max_length=MAX_PROMPT_CHARS,
+        description="What to steer away from (the unconditional branch of guidance).",
+    )
+    denoising: float = Field(
+        default=0.75,
+        ge=0.0,
+        le=1.0,
+        description="How far from the seed image to move: 0 keeps it, 1 ignores it.",
+    )
+    guidance: float = Field(
+        default=7.0, ge=0.0, le=MAX_GUIDANCE, description="Classifier-free guidance scale."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_not_blank(self) -> PromptInput:
+        if not self.prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return self
+
+
+class GenerationJob(BaseModel):
+    """One clip to generate.
+
+    - riffuse: ``start`` (+ optional ``end`` and ``alpha``) on a seed image
+      given by ``seed_image_id`` or by ``init_image_png`` (audio-to-audio);
+    - text-to-audio: no seed image; the clip is ``width`` pixels (10 ms each) wide.
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    start: PromptInput
+    end: PromptInput | None = Field(
+        default=None, description="Interpolation target; None means the start input alone."
+    )
+    alpha: float = Field(default=0.0, ge=0.0, le=1.0, description="0 = start, 1 = end.")
+    num_inference_steps: int = Field(default=50, ge=MIN_STEPS, le=MAX_STEPS)
+    seed_image_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    init_image_png: bytes | None = Field(
+        default=None, description="A spectrogram image (PNG) to start from instead of an id."
+    )
+    mask_image_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    width: int = Field(
+        default=DEFAULT_WIDTH,
+        ge=MIN_WIDTH,
+        le=MAX_WIDTH,
+        multiple_of=WIDTH_MULTIPLE,
+        description="Image width in pixels for text-to-audio (ignored when a seed image is given).",
+    )
+    scheduler: SchedulerName | None = Field(
+        default=None, description="Scheduler; default is the checkpoint's own."
+    )
+
+    @model_validator(mode="after")
+    def _check_images(self) -> GenerationJob:
+        if self.seed_image_id is not None and self.init_image_png is not None:
+            raise ValueError("give seed_image_id or init_image_png, not both")
+        if self.mask_image_id is not None and not self.is_img2img:
+            raise ValueError("mask_image_id needs a seed image")
+        return self
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.seed_image_id is not None or self.init_image_png is not None
+
+    @property
+    def end_or_start(self) -> PromptInput:
+        return self.end if self.end is not None else self.start
+
+
+def width_for_duration(duration_s: float, step_size_ms: int = 10) -> int:
+    """Image width (pixels, multiple of 8, within limits) for a clip of ``duration_s``."""
+    pixels = round(duration_s * 1000 / step_size_ms / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    return max(MIN_WIDTH, min(MAX_WIDTH, pixels))
+
+
+def is_valid_image_id(image_id: str) -> bool:
+    return bool(_ID_RE.match(image_id))
