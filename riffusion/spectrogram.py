@@ -1,0 +1,506 @@
+"""The checkpoint's spectrogram format: audio <-> mel amplitudes <-> image.
+
+Shapes follow the diffusers convention of naming tensors by their layout:
+waveforms are ``(..., channels, samples)``, mel amplitudes are
+``(..., channels, n_mels, frames)`` and pixels are ``(batch, 3, height, width)``.
+
+Image encoding (exactly as the model's training data):
+
+- encode: ``a / max`` where ``max`` is the clip's own largest mel amplitude
+  (over all its channels, so stereo keeps the left/right balance), then
+  ``^ power_for_image``, ``x 255``, ``255 - v`` and truncation to uint8; rows
+  are flipped so the lowest mel bin is the bottom row. Mono writes the same
+  value into R, G and B; stereo writes R = 0, G = left, B = right. The clip's
+  ``max`` is recorded in EXIF tag 11080 for reference only.
+- decode: ``((255 - p) / 255) ^ (1 / power_for_image) x params.max_value``
+  with the *fixed* ``max_value`` (30e6): the image carries no absolute level,
+  so callers normalise the reconstructed audio's loudness afterwards. Mono
+  reads the mean of R, G and B (equal for images written here; averages the
+  diffusion model's slight colour noise); stereo reads G and B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio.transforms as T
+from PIL import Image
+from torch import Tensor
+
+from riffusion.audio import Audio, AudioError
+
+# The fixed decode scale corresponds to 16-bit audio (a full-scale int16 sine
+# peaks near 36e6 in this STFT), so decoded waveforms are divided by this to
+# land roughly in [-1, 1].
+INT16_FULL_SCALE = 32768.0
+
+
+class SpectrogramError(ValueError):
+    """Spectrogram data or parameters that cannot be used; the message names the problem."""
+
+
+class ExifTag(IntEnum):
+    """Integer EXIF tags carried by every spectrogram image."""
+
+    SAMPLE_RATE = 11000
+    STEREO = 11005
+    STEP_SIZE_MS = 11010
+    WINDOW_DURATION_MS = 11020
+    PADDED_DURATION_MS = 11030
+    NUM_FREQUENCIES = 11040
+    MIN_FREQUENCY = 11050
+    MAX_FREQUENCY = 11060
+    POWER_FOR_IMAGE = 11070
+    MAX_VALUE = 11080
+
+
+@dataclass(frozen=True)
+class SpectrogramParams:
+    """Parameters of the spectrogram format (defaults: the checkpoint's training data)."""
+
+    stereo: bool = False
+    sample_rate: int = 44100
+    step_size_ms: int = 10
+    window_duration_ms: int = 100
+    padded_duration_ms: int = 400
+    num_frequencies: int = 512  # mel bins = image height
+    min_frequency: int = 0
+    max_frequency: int = 10000
+    power_for_image: float = 0.25
+    max_value: float = 30e6  # fixed decode scale (images carry no level)
+    num_griffin_lim_iters: int = 32
+    griffin_lim_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        positive = {
+            "sample_rate": self.sample_rate,
+            "step_size_ms": self.step_size_ms,
+            "window_duration_ms": self.window_duration_ms,
+            "padded_duration_ms": self.padded_duration_ms,
+            "num_frequencies": self.num_frequencies,
+            "power_for_image": self.power_for_image,
+            "max_value": self.max_value,
+            "num_griffin_lim_iters": self.num_griffin_lim_iters,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise SpectrogramError(f"{name} must be positive, got {value!r}")
+        if self.hop_length < 1:
+            raise SpectrogramError(f"step_size_ms={self.step_size_ms} is under one sample")
+        if self.window_duration_ms > self.padded_duration_ms:
+            raise SpectrogramError(
+                f"window_duration_ms ({self.window_duration_ms}) exceeds "
+                f"padded_duration_ms ({self.padded_duration_ms})"
+            )
+        if not 0 <= self.min_frequency < self.max_frequency <= self.sample_rate / 2:
+            raise SpectrogramError(
+                f"need 0 <= min_frequency ({self.min_frequency}) < max_frequency "
+                f"({self.max_frequency}) <= sample_rate / 2 ({self.sample_rate / 2})"
+            )
+        if not 0 <= self.griffin_lim_momentum < 1:
+            raise SpectrogramError(
+                f"griffin_lim_momentum must be in [0, 1), got {self.griffin_lim_momentum}"
+            )
+
+    @property
+    def hop_length(self) -> int:
+        return int(self.sample_rate * self.step_size_ms / 1000)
+
+    @property
+    def win_length(self) -> int:
+        return int(self.sample_rate * self.window_duration_ms / 1000)
+
+    @property
+    def n_fft(self) -> int:
+        return int(self.sample_rate * self.padded_duration_ms / 1000)
+
+    @property
+    def num_channels(self) -> int:
+        return 2 if self.stereo else 1
+
+    def to_exif(self, max_value: float | None = None) -> dict[int, int | float]:
+        """EXIF tags for an image; ``max_value`` is the encoded clip's own max (tag 11080)."""
+        return {
+            ExifTag.SAMPLE_RATE.value: self.sample_rate,
+            ExifTag.STEREO.value: int(self.stereo),
+            ExifTag.STEP_SIZE_MS.value: self.step_size_ms,
+            ExifTag.WINDOW_DURATION_MS.value: self.window_duration_ms,
+            ExifTag.PADDED_DURATION_MS.value: self.padded_duration_ms,
+            ExifTag.NUM_FREQUENCIES.value: self.num_frequencies,
+            ExifTag.MIN_FREQUENCY.value: self.min_frequency,
+            ExifTag.MAX_FREQUENCY.value: self.max_frequency,
+            ExifTag.POWER_FOR_IMAGE.value: float(self.power_for_image),
+            ExifTag.MAX_VALUE.value: float(self.max_value if max_value is None else max_value),
+        }
+
+    @classmethod
+    def from_exif(cls, exif: Mapping[int, Any]) -> SpectrogramParams:
+        """Params from EXIF tags, defaults for missing ones.
+
+        Tag 11080 (the source clip's max) is not read back: decoding always
+        uses the fixed ``max_value`` because images carry no absolute level.
+        """
+        fields: dict[str, Any] = {}
+        readers: dict[ExifTag, tuple[str, Any]] = {
+            ExifTag.SAMPLE_RATE: ("sample_rate", int),
+            ExifTag.STEREO: ("stereo", lambda v: bool(int(v))),
+            ExifTag.STEP_SIZE_MS: ("step_size_ms", int),
+            ExifTag.WINDOW_DURATION_MS: ("window_duration_ms", int),
+            ExifTag.PADDED_DURATION_MS: ("padded_duration_ms", int),
+            ExifTag.NUM_FREQUENCIES: ("num_frequencies", int),
+            ExifTag.MIN_FREQUENCY: ("min_frequency", int),
+            ExifTag.MAX_FREQUENCY: ("max_frequency", int),
+            ExifTag.POWER_FOR_IMAGE: ("power_for_image", float),
+        }
+        for tag, (name, convert) in readers.items():
+            if tag.value in exif:
+                try:
+                    fields[name] = convert(exif[tag.value])
+                except (TypeError, ValueError) as error:
+                    raise SpectrogramError(
+                        f"EXIF tag {tag.value} ({name}) has unusable value {exif[tag.value]!r}"
+                    ) from error
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> SpectrogramParams:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; None picks CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def spectral_convergence(target: Tensor, estimate: Tensor) -> float:
+    """``||target - estimate||_F / ||target||_F`` (0 is a perfect reconstruction)."""
+    target64, estimate64 = target.double(), estimate.double()
+    return float(
+        torch.linalg.vector_norm(target64 - estimate64) / torch.linalg.vector_norm(target64)
+    )
+
+
+def _min_norm_inverse(forward: Tensor) -> Tensor:
+    """Matrix X with X @ y the minimum-norm least-squares solution of forward @ x = y.
+
+    This is the solution torchaudio's InverseMelScale finds with a fresh lstsq
+    every call, computed once. The mel filter bank (n_mels, n_stft) is
+    well-conditioned with full row rank, so forward^T (forward forward^T)^-1
+    via Cholesky of the small Gram matrix is fast (much faster than an SVD
+    pinv); pinv is the fallback for rank-deficient banks. Float64 for accuracy.
+    """
+    forward64 = forward.to(torch.float64)
+    cholesky, info = torch.linalg.cholesky_ex(forward64 @ forward64.T)
+    if int(info) == 0:
+        inverse = torch.cholesky_solve(forward64, cholesky).T
+    else:
+        inverse = torch.linalg.pinv(forward64)
+    return inverse.to(torch.float32).contiguous()
+
+
+class SpectrogramConverter:
+    """Waveform <-> mel amplitudes on torchaudio transforms, built once per (params, device).
+
+    The inverse mel is the least-squares (minimum-norm) solution, computed as a
+    precomputed pseudo-inverse of the filter bank instead of a solve per call;
+    negative bins are clamped to 0. Griffin-Lim is batched over every leading
+    dimension and draws its random initial phase from ``generator`` so
+    reconstructions reproduce.
+    """
+
+    def __init__(
+        self, params: SpectrogramParams = SpectrogramParams(), device: str | torch.device = "cpu"
+    ) -> None:
+        self.params = params
+        self.device = torch.device(device)
+        self.spectrogram = T.Spectrogram(
+            n_fft=params.n_fft,
+            win_length=params.win_length,
+            hop_length=params.hop_length,
+            window_fn=torch.hann_window,
+            power=1.0,
+            center=True,
+            pad_mode="reflect",
+            onesided=True,
+        ).to(self.device)
+        self.mel_scale = T.MelScale(
+            n_mels=params.num_frequencies,
+            sample_rate=params.sample_rate,
+            f_min=float(params.min_frequency),
+            f_max=float(params.max_frequency),
+            n_stft=params.n_fft // 2 + 1,
+            norm=None,
+            mel_scale="htk",
+        ).to(self.device)
+        self.inverse_mel_matrix = _min_norm_inverse(self.mel_scale.fb.T)  # (n_stft, n_mels)
+        self.window: Tensor = self.spectrogram.window
+
+    @property
+    def n_mels(self) -> int:
+        return self.params.num_frequencies
+
+    @torch.inference_mode()
+    def mel_amplitudes_from_waveform(self, waveform: Tensor) -> Tensor:
+        """(..., channels, samples) float -> (..., channels, n_mels, frames) mel amplitudes."""
+        if waveform.ndim < 2:
+            raise SpectrogramError(
+                f"waveform must be (..., channels, samples), got shape {tuple(waveform.shape)}"
+            )
+        if waveform.shape[-1] < 2:
+            raise SpectrogramError(f"waveform has {waveform.shape[-1]} samples; need at least 2")
+        waveform = waveform.to(self.device, torch.float32)
+        # Reflect padding needs more samples than half the FFT size.
+        pad = self.params.n_fft // 2
+        if waveform.shape[-1] <= pad:
+            waveform = torch.nn.functional.pad(waveform, (0, pad + 1 - waveform.shape[-1]))
+        return self.mel_scale(self.spectrogram(waveform))
+
+    @torch.inference_mode()
+    def linear_amplitudes_from_mel(self, amplitudes: Tensor) -> Tensor:
+        """(..., n_mels, frames) -> (..., n_stft, frames): least-squares inverse mel, >= 0."""
+        self._check_mel_shape(amplitudes)
+        amplitudes = amplitudes.to(self.device, torch.float32)
+        return torch.matmul(self.inverse_mel_matrix, amplitudes).clamp_(min=0)
+
+    @torch.inference_mode()
+    def waveform_from_mel_amplitudes(
+        self, amplitudes: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(..., channels, n_mels, frames) -> (..., channels, (frames - 1) * hop), Griffin-Lim."""
+        self._check_mel_shape(amplitudes)
+        linear = self.linear_amplitudes_from_mel(amplitudes)
+        return self.griffin_lim(linear, generator=generator)
+
+    @torch.inference_mode()
+    def griffin_lim(self, magnitudes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fast Griffin-Lim (momentum) on (..., n_stft, frames) magnitudes -> (..., samples).
+
+        torchaudio's ``GriffinLim`` draws its initial phase from the global RNG,
+        so the same iteration is run here with the initial phase drawn from
+        ``generator`` (uniform on the unit circle).
+        """
+        p = self.params
+        leading = magnitudes.shape[:-2]
+        magnitudes = magnitudes.reshape(-1, *magnitudes.shape[-2:]).to(self.device, torch.float32)
+        length = (magnitudes.shape[-1] - 1) * p.hop_length
+        angles = self._random_phase(magnitudes.shape, generator)
+        stft_args: dict[str, Any] = {
+            "n_fft": p.n_fft,
+            "hop_length": p.hop_length,
+            "win_length": p.win_length,
+            "window": self.window,
+        }
+        momentum = p.griffin_lim_momentum / (1 + p.griffin_lim_momentum)
+        previous = torch.zeros((), dtype=angles.dtype, device=self.device)
+        for _ in range(p.num_griffin_lim_iters):
+            waveform = torch.istft(magnitudes * angles, length=length, **stft_args)
+            rebuilt = torch.stft(
+                waveform, center=True, pad_mode="reflect", return_complex=True, **stft_args
+            )
+            angles = rebuilt - previous * momentum
+            angles = angles / (angles.abs() + 1e-16)
+            previous = rebuilt
+        waveform = torch.istft(magnitudes * angles, length=length, **stft_args)
+        return waveform.reshape(*leading, waveform.shape[-1])
+
+    def _random_phase(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
+        # Draw on the generator's own device so a CPU generator works with CUDA.
+        draw_device = generator.device if generator is not None else self.device
+        phase = torch.rand(shape, generator=generator, device=draw_device) * (2 * torch.pi)
+        return torch.polar(torch.ones_like(phase), phase).to(self.device)
+
+    def _check_mel_shape(self, amplitudes: Tensor) -> None:
+        if amplitudes.ndim < 2 or amplitudes.shape[-2] != self.n_mels:
+            raise SpectrogramError(
+                f"mel amplitudes must be (..., {self.n_mels}, frames), "
+                f"got shape {tuple(amplitudes.shape)}"
+            )
+        if amplitudes.shape[-1] < 2:
+            raise SpectrogramError(f"need at least 2 frames, got {amplitudes.shape[-1]}")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_converter(params: SpectrogramParams, device: torch.device) -> SpectrogramConverter:
+    return SpectrogramConverter(params, device)
+
+
+def get_converter(
+    params: SpectrogramParams = SpectrogramParams(), device: str | torch.device | None = None
+) -> SpectrogramConverter:
+    """A shared converter for (params, device); built once, then reused with its precomputed state.
+
+    Only the channel-independent fields matter, so ``stereo`` is ignored in the cache key.
+    """
+    return _cached_converter(params.replace(stereo=False), resolve_device(device))
+
+
+# --- image encoding -----------------------------------------------------------------------------
+
+
+def pixels_from_mel_amplitudes(
+    amplitudes: Tensor, params: SpectrogramParams = SpectrogramParams()
+) -> Tensor:
+    """(B, C, n_mels, W) mel amplitudes -> uint8 (B, 3, n_mels, W) pixels, rows flipped.
+
+    Each clip is scaled by its own max (see the module docstring); C is 1 (mono)
+    or 2 (stereo). An all-zero clip encodes as white (255).
+    """
+    if amplitudes.ndim != 4 or amplitudes.shape[1] not in (1, 2):
+        raise SpectrogramError(
+            f"amplitudes must be (batch, 1 or 2 channels, n_mels, width), "
+            f"got shape {tuple(amplitudes.shape)}"
+        )
+    # Float64 keeps the transform bit-exact against a float64 reference.
+    values = amplitudes.detach().to(torch.float64)
+    if not torch.isfinite(values).all():
+        raise SpectrogramError("amplitudes contain NaN or infinite values")
+    if (values < 0).any():
+        raise SpectrogramError("amplitudes must be non-negative")
+    clip_max = values.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = values / torch.where(clip_max > 0, clip_max, torch.ones_like(clip_max))
+    encoded = (255 - scaled.pow(params.power_for_image) * 255).to(torch.uint8)
+    encoded = encoded.flip(-2)  # lowest mel bin at the bottom row
+    if encoded.shape[1] == 1:
+        return encoded.expand(-1, 3, -1, -1).contiguous()
+    return torch.cat([torch.zeros_like(encoded[:, :1]), encoded], dim=1)
+
+
+def mel_amplitudes_from_pixels(
+    pixels: Tensor, params: SpectrogramParams = SpectrogramParams()
+) -> Tensor:
+    """uint8 (B, 3, H, W) pixels -> (B, C, H, W) float32 mel amplitudes scaled by params.max_value.
+
+    C is 2 (G, B) when ``params.stereo`` else 1 (mean of R, G, B).
+    """
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise SpectrogramError(
+            f"pixels must be (batch, 3, height, width), got {tuple(pixels.shape)}"
+        )
+    if pixels.dtype != torch.uint8:
+        raise SpectrogramError(f"pixels must be uint8, got {pixels.dtype}")
+    values = pixels.flip(-2).to(torch.float32)
+    values = values[:, 1:3] if params.stereo else values.mean(dim=1, keepdim=True)
+    return ((255 - values) / 255).pow(1 / params.power_for_image) * params.max_value
+
+
+def image_from_mel_amplitudes(
+    amplitudes: np.ndarray | Tensor, params: SpectrogramParams = SpectrogramParams()
+) -> Image.Image:
+    """(C, n_mels, W) mel amplitudes -> RGB spectrogram image with EXIF (clip's max in 11080)."""
+    tensor = torch.as_tensor(amplitudes)
+    if tensor.ndim != 3:
+        raise SpectrogramError(
+            f"amplitudes must be (channels, n_mels, width), got shape {tuple(tensor.shape)}"
+        )
+    if tensor.shape[0] != params.num_channels:
+        raise SpectrogramError(
+            f"params.stereo={params.stereo} needs {params.num_channels} channel(s), "
+            f"got {tensor.shape[0]}"
+        )
+    if tensor.shape[1] != params.num_frequencies:
+        raise SpectrogramError(
+            f"expected {params.num_frequencies} mel bins (params.num_frequencies), "
+            f"got {tensor.shape[1]}"
+        )
+    pixels = pixels_from_mel_amplitudes(tensor[None], params)[0]
+    image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+    exif = image.getexif()
+    for tag, value in params.to_exif(max_value=float(tensor.max())).items():
+        exif[tag] = value
+    # Also in info, so copies of the image (which re-read info) keep the tags.
+    image.info["exif"] = exif.tobytes()
+    return image
+
+
+def params_from_image(image: Image.Image) -> SpectrogramParams:
+    """Spectrogram params from the image's EXIF tags (defaults for missing tags)."""
+    return SpectrogramParams.from_exif(dict(image.getexif()))
+
+
+def mel_amplitudes_from_image(
+    image: Image.Image, params: SpectrogramParams | None = None
+) -> tuple[Tensor, SpectrogramParams]:
+    """Spectrogram image -> ((C, H, W) float32 mel amplitudes, params used).
+
+    ``params`` defaults to the image's EXIF. The height must equal num_frequencies.
+    """
+    if params is None:
+        params = params_from_image(image)
+    if image.height != params.num_frequencies:
+        raise SpectrogramError(
+            f"image is {image.height} px high but the format has "
+            f"{params.num_frequencies} mel bins (EXIF tag {ExifTag.NUM_FREQUENCIES.value})"
+        )
+    if image.width < 2:
+        raise SpectrogramError(f"image is {image.width} px wide; need at least 2 columns")
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return mel_amplitudes_from_pixels(pixels[None], params)[0], params
+
+
+def image_from_audio(
+    audio: Audio,
+    params: SpectrogramParams | None = None,
+    device: str | torch.device | None = None,
+) -> Image.Image:
+    """Audio -> spectrogram image with EXIF.
+
+    ``params`` defaults to the standard format, stereo when the audio is. Audio
+    is mixed down or duplicated to the channel count ``params`` asks for.
+    """
+    if params is None:
+        params = SpectrogramParams(stereo=audio.channels == 2)
+    if audio.sample_rate != params.sample_rate:
+        raise AudioError(
+            f"audio is {audio.sample_rate} Hz but the spectrogram format needs "
+            f"{params.sample_rate} Hz; resample it first"
+        )
+    if audio.samples.ndim != 2 or audio.channels not in (1, 2):
+        raise AudioError(
+            f"audio must have 1 or 2 channels shaped (channels, frames), "
+            f"got shape {audio.samples.shape}"
+        )
+    if audio.num_frames < 2:
+        raise AudioError(f"audio has {audio.num_frames} samples; too short for a spectrogram")
+    waveform = torch.from_numpy(np.ascontiguousarray(audio.samples, dtype=np.float32))
+    if params.stereo and audio.channels == 1:
+        waveform = waveform.expand(2, -1)
+    elif not params.stereo and audio.channels == 2:
+        waveform = waveform.mean(dim=0, keepdim=True)
+    amplitudes = get_converter(params, device).mel_amplitudes_from_waveform(waveform)
+    return image_from_mel_amplitudes(amplitudes.cpu(), params)
+
+
+def audio_from_image(
+    image: Image.Image,
+    device: str | torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> Audio:
+    """Spectrogram image -> audio by inverse mel + Griffin-Lim, format read from EXIF.
+
+    The waveform is decoded at the fixed scale and divided by 16-bit full scale,
+    so a loud image lands roughly in [-1, 1]; normalise loudness afterwards.
+    """
+    amplitudes, params = mel_amplitudes_from_image(image)
+    converter = get_converter(params, device)
+    waveform = converter.waveform_from_mel_amplitudes(amplitudes, generator=generator)
+    samples = (waveform / INT16_FULL_SCALE).cpu().numpy().astype(np.float32)
+    return Audio(samples=samples, sample_rate=params.sample_rate)
+
+
+def encode_image(image: Image.Image, format: str = "PNG") -> bytes:
+    """PNG or JPEG bytes of a spectrogram image with its EXIF tags.
+
+    Pillow's ``save`` drops EXIF unless it is passed explicitly; this passes it.
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, exif=image.getexif())
+    return buffer.getvalue()
