@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -41,6 +41,10 @@ from riffusion.audio import Audio, AudioError
 # peaks near 36e6 in this STFT), so decoded waveforms are divided by this to
 # land roughly in [-1, 1].
 INT16_FULL_SCALE = 32768.0
+
+
+# One generator for everything, or one per item of a batch's first dimension.
+PhaseGenerator = torch.Generator | Sequence[torch.Generator] | None
 
 
 class SpectrogramError(ValueError):
@@ -273,7 +277,7 @@ class SpectrogramConverter:
 
     @torch.inference_mode()
     def waveform_from_mel_amplitudes(
-        self, amplitudes: Tensor, generator: torch.Generator | None = None
+        self, amplitudes: Tensor, generator: PhaseGenerator = None
     ) -> Tensor:
         """(..., channels, n_mels, frames) -> (..., channels, (frames - 1) * hop), Griffin-Lim."""
         self._check_mel_shape(amplitudes)
@@ -281,18 +285,31 @@ class SpectrogramConverter:
         return self.griffin_lim(linear, generator=generator)
 
     @torch.inference_mode()
-    def griffin_lim(self, magnitudes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def griffin_lim(self, magnitudes: Tensor, generator: PhaseGenerator = None) -> Tensor:
         """Fast Griffin-Lim (momentum) on (..., n_stft, frames) magnitudes -> (..., samples).
 
         torchaudio's ``GriffinLim`` draws its initial phase from the global RNG,
         so the same iteration is run here with the initial phase drawn from
-        ``generator`` (uniform on the unit circle).
+        ``generator`` (uniform on the unit circle). A sequence of generators,
+        one per item of the first dimension, gives each item of a batch the
+        phase it would get alone, so its audio does not depend on its batch-mates.
         """
         p = self.params
         leading = magnitudes.shape[:-2]
+        if not (generator is None or isinstance(generator, torch.Generator)):
+            generators = list(generator)
+            if not leading or len(generators) != leading[0]:
+                raise SpectrogramError(
+                    f"got {len(generators)} generators for a batch of shape {tuple(leading)}; "
+                    "give one per item of the first dimension"
+                )
+            item_shape = magnitudes.shape[1:]
+            angles = torch.cat([self._random_phase(item_shape, g)[None] for g in generators])
+            angles = angles.reshape(-1, *magnitudes.shape[-2:])
+        else:
+            angles = self._random_phase(magnitudes.shape, generator)
         magnitudes = magnitudes.reshape(-1, *magnitudes.shape[-2:]).to(self.device, torch.float32)
         length = (magnitudes.shape[-1] - 1) * p.hop_length
-        angles = self._random_phase(magnitudes.shape, generator)
         stft_args: dict[str, Any] = {
             "n_fft": p.n_fft,
             "hop_length": p.hop_length,
