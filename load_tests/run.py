@@ -1,0 +1,523 @@
+"""Headless load-test runner: ``python -m load_tests.run`` (``make loadtest LOADTEST_ARGS=...``).
+
+Starts a local server with the tiny model unless ``--host`` is given, runs locust
+headless with bounded users and run time, stops everything it started (also on
+Ctrl-C), scrapes ``/metrics`` before and after, and writes into one folder:
+locust's CSV files and HTML report, ``chart.png``, ``summary.md`` and ``summary.json``.
+
+Exit status: 0 = run done and thresholds met; 1 = a threshold was exceeded (each
+one is printed); 2 = the run itself failed (bad option, server or locust error);
+130 = interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+import click
+import httpx
+from rich.console import Console
+
+from load_tests.report import (
+    Thresholds,
+    plot_history,
+    read_history,
+    render_markdown,
+    summarize,
+    threshold_violations,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+USER_CLASSES = ("WebAppListener", "ApiClient")
+SHAPES = ("ramp", "spike", "soak")
+MAX_USERS = 2000
+MAX_RUN_TIME_S = 6 * 3600
+CSV_PREFIX = "locust"
+LOCUST_OK_CODES = (0, 1)  # locust exits 1 when any request failed: that is data, not an error
+EXIT_THRESHOLD, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 130
+
+console = Console(stderr=True)
+
+
+class RunError(RuntimeError):
+    """The load test could not run (server did not start, locust crashed, ...)."""
+
+
+# --- option parsing ---
+
+_TIMESPAN_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
+
+
+def parse_run_time(value: str) -> int:
+    """Seconds in ``90``, ``90s``, ``5m``, ``1h30m`` (locust's notation)."""
+    match = _TIMESPAN_RE.match(value.strip())
+    if not value.strip() or match is None:
+        raise ValueError(f"run time {value!r} is not like 90s, 5m or 1h30m")
+    hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if not 1 <= total <= MAX_RUN_TIME_S:
+        raise ValueError(f"run time must be between 1 s and {MAX_RUN_TIME_S} s, got {total} s")
+    return total
+
+
+def parse_env_assignments(values: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings (for ``--server-env``) as a dict."""
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"--server-env expects KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
+# --- processes ---
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (next to the interpreter), else from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise RunError(f"{name!r} is not installed in this environment")
+    return found
+
+
+def stop_process_group(
+    process: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM, grace_s: float = 15.0
+) -> None:
+    """Signal the process group, wait ``grace_s``, then kill it."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, first_signal)
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class LocalServer:
+    """``bentoml serve service:Riffusion`` on a free loopback port, in its own process group."""
+
+    log_path: Path
+    model: str = "tiny"
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 300.0
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalServer:
+        self.port = self.port or free_port()
+        env = {**os.environ, "RIFFUSION_MODEL": self.model, **self.extra_env}
+        command = [executable("bentoml"), "serve", "service:Riffusion"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RunError(
+                    f"server exited with code {self.process.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{_log_tail(self.log_path)}"
+                )
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RunError(
+            f"server not ready after {self.ready_timeout_s:.0f} s; log {self.log_path}:\n"
+            f"{_log_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs when a CI job is cancelled."""
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def scrape_metrics(host: str, headers: Mapping[str, str]) -> str | None:
+    try:
+        response = httpx.get(f"{host.rstrip('/')}/metrics", headers=dict(headers), timeout=10.0)
+    except httpx.HTTPError as error:
+        console.print(f"[yellow]could not scrape {host}/metrics: {error}[/]")
+        return None
+    if response.status_code != 200:
+        console.print(f"[yellow]{host}/metrics answered HTTP {response.status_code}[/]")
+        return None
+    return response.text
+
+
+# --- the locust run ---
+
+
+@dataclass(frozen=True)
+class LocustPlan:
+    host: str
+    output: Path
+    users: int
+    spawn_rate: float
+    run_time_s: int
+    user_classes: tuple[str, ...]
+    shape: str | None = None
+    playback_speed: float = 1.0
+    num_inference_steps: int | None = None
+    processes: int = 1
+    auth_token: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def csv_prefix(self) -> Path:
+        return self.output / CSV_PREFIX
+
+    def command(self) -> list[str]:
+        command = [executable("locust"), "-f", str(LOCUSTFILE), "--headless"]
+        command += ["--host", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate:g}"]
+        command += ["-t", f"{self.run_time_s}s", "--csv", str(self.csv_prefix)]
+        command += ["--csv-full-history", "--html", str(self.output / "report.html")]
+        command += ["--playback-speed", f"{self.playback_speed:g}", "--only-summary"]
+        if self.num_inference_steps is not None:
+            command += ["--num-inference-steps", str(self.num_inference_steps)]
+        if self.processes > 1:
+            command += ["--processes", str(self.processes)]
+        return [*command, *self.extra_args, *self.user_classes]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        env.pop("LOADTEST_SHAPE", None)
+        if self.shape:
+            env["LOADTEST_SHAPE"] = self.shape
+        if self.auth_token:
+            env["LOADTEST_AUTH_TOKEN"] = self.auth_token  # not on the command line: ps shows it
+        return env
+
+
+def run_locust(plan: LocustPlan) -> int:
+    """Run locust to completion (bounded by the run time) and return its exit code."""
+    log_path = plan.output / "locust.log"
+    # Locust stops itself at the run time; the margin covers start-up and report writing.
+    deadline = time.monotonic() + plan.run_time_s + 120
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            plan.command(),
+            cwd=REPO_ROOT,
+            env=plan.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            with console.status("locust running") as status:
+                while process.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise RunError(f"locust did not stop by itself; log {log_path}")
+                    status.update(f"locust running: {_progress(plan, log_path)}")
+                    time.sleep(1.0)
+        finally:
+            # SIGINT makes locust stop users and still write its CSV and HTML reports.
+            stop_process_group(process, first_signal=signal.SIGINT, grace_s=30.0)
+    return int(process.returncode)
+
+
+def _progress(plan: LocustPlan, log_path: Path) -> str:
+    size = log_path.stat().st_size if log_path.exists() else 0
+    return f"{plan.users} users max, {plan.run_time_s} s, log {log_path} ({size} bytes)"
+
+
+def write_outputs(
+    plan: LocustPlan,
+    metrics_before: str | None,
+    metrics_after: str | None,
+    context: dict[str, str],
+    thresholds: Thresholds,
+) -> list[str]:
+    """Summary, chart and metrics scrapes into the output folder; returns threshold violations."""
+    for name, text in (
+        ("metrics_before.txt", metrics_before),
+        ("metrics_after.txt", metrics_after),
+    ):
+        if text is not None:
+            (plan.output / name).write_text(text)
+    summary = summarize(plan.csv_prefix, metrics_before, metrics_after, context)
+    violations = threshold_violations(summary, thresholds)
+    history_path = Path(f"{plan.csv_prefix}_stats_history.csv")
+    plot_history(read_history(history_path), plan.output / "chart.png")
+    (plan.output / "summary.md").write_text(render_markdown(summary, violations))
+    verdict = {"thresholds": thresholds.__dict__, "violations": violations}
+    (plan.output / "summary.json").write_text(json.dumps(summary.to_dict() | verdict, indent=2))
+    return violations
+
+
+def execute(plan: LocustPlan, thresholds: Thresholds, context: dict[str, str]) -> int:
+    """Run locust against ``plan.host`` and write the outputs; returns the exit status."""
+    headers = {"Authorization": f"Bearer {plan.auth_token}"} if plan.auth_token else {}
+    metrics_before = scrape_metrics(plan.host, headers)
+    started = datetime.now().astimezone()
+    locust_code = run_locust(plan)
+    metrics_after = scrape_metrics(plan.host, headers)
+    if locust_code not in LOCUST_OK_CODES:
+        raise RunError(
+            f"locust exited with code {locust_code}; log {plan.output / 'locust.log'}:\n"
+            f"{_log_tail(plan.output / 'locust.log')}"
+        )
+    context = {"started": started.isoformat(timespec="seconds"), **context}
+    violations = write_outputs(plan, metrics_before, metrics_after, context, thresholds)
+    console.print(f"results in {plan.output}/ (summary.md, report.html, chart.png, CSV)")
+    for violation in violations:
+        console.print(f"[red]threshold exceeded:[/] {violation}")
+    return EXIT_THRESHOLD if violations else 0
+
+
+def _default_output() -> Path:
+    return REPO_ROOT / f"loadtest-report-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option(
+    "--host",
+    help="Target base URL (e.g. https://my-deployment.bentoml.ai). "
+    "Without it a local server is started with --model.",
+)
+@click.option("--model", default="tiny", help="RIFFUSION_MODEL of the local server.")
+@click.option(
+    "--server-env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extra environment for the local server, e.g. RIFFUSION_MAX_BATCH_SIZE=1 "
+    "to turn batching off. Repeatable.",
+)
+@click.option(
+    "--server-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    help="Seconds to wait for the local server's /readyz.",
+)
+@click.option(
+    "-u", "--users", type=click.IntRange(1, MAX_USERS), default=4, help="Peak concurrent users."
+)
+@click.option(
+    "-r",
+    "--spawn-rate",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    help="Users started per second.",
+)
+@click.option("-t", "--run-time", default="60s", help="Test length: 90s, 5m, 1h30m.")
+@click.option(
+    "--user-class",
+    "user_classes",
+    type=click.Choice(USER_CLASSES),
+    multiple=True,
+    help="User class to run (repeatable; default both, weighted 3:1).",
+)
+@click.option(
+    "--shape",
+    type=click.Choice(SHAPES),
+    default=None,
+    help="Load shape over the run time (default: a plain ramp-up at --spawn-rate).",
+)
+@click.option(
+    "--playback-speed",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    help="Listeners play clips this many times faster than real time.",
+)
+@click.option(
+    "--num-inference-steps",
+    type=click.IntRange(1, 150),
+    default=None,
+    help="Diffusion steps per request (default: the web app's 50).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    help="Locust worker processes on this machine (distributed mode).",
+)
+@click.option(
+    "--auth-token",
+    envvar="LOADTEST_AUTH_TOKEN",
+    default=None,
+    help="Bearer token for protected deployments (env LOADTEST_AUTH_TOKEN).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (default ./loadtest-report-<timestamp>).",
+)
+@click.option(
+    "--max-p95-ms",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Fail if any endpoint's p95 exceeds this.",
+)
+@click.option(
+    "--max-failure-rate",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Fail if the share of failed requests exceeds this (0-1).",
+)
+@click.option(
+    "--max-fell-behind-rate",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Fail if the share of listener hand-overs that fell behind exceeds this.",
+)
+@click.option(
+    "--locust-arg",
+    "locust_args",
+    multiple=True,
+    help="Extra argument passed to locust verbatim (repeatable).",
+)
+def main(
+    host: str | None,
+    model: str,
+    server_env: tuple[str, ...],
+    server_timeout: float,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    user_classes: tuple[str, ...],
+    shape: str | None,
+    playback_speed: float,
+    num_inference_steps: int | None,
+    processes: int,
+    auth_token: str | None,
+    output: Path | None,
+    max_p95_ms: float | None,
+    max_failure_rate: float | None,
+    max_fell_behind_rate: float | None,
+    locust_args: tuple[str, ...],
+) -> None:
+    """Run the Riffusion load test headless and write a report folder."""
+    try:
+        run_time_s = parse_run_time(run_time)
+        extra_env = parse_env_assignments(server_env)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    if host is not None and extra_env:
+        raise click.BadParameter("--server-env only applies to the local server (no --host)")
+    output = (output or _default_output()).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    thresholds = Thresholds(max_p95_ms, max_failure_rate, max_fell_behind_rate)
+    context = {
+        "target": host or f"local server, RIFFUSION_MODEL={model}",
+        "server env": " ".join(f"{k}={v}" for k, v in extra_env.items()) or "(default)",
+        "users": f"{users} peak, spawn rate {spawn_rate:g}/s, shape {shape or 'plain'}",
+        "user classes": ", ".join(user_classes or USER_CLASSES),
+        "run time": f"{run_time_s} s",
+        "playback speed": f"{playback_speed:g}x",
+        "inference steps": str(num_inference_steps or "50 (web app default)"),
+    }
+    server: LocalServer | None = None
+    try:
+        with interrupt_on_sigterm():
+            if host is None:
+                console.print(f"starting a local server (RIFFUSION_MODEL={model}) ...")
+                server = LocalServer(output / "server.log", model, extra_env, server_timeout)
+                server.start()
+            plan = LocustPlan(
+                host=host or (server.url if server else ""),
+                output=output,
+                users=users,
+                spawn_rate=spawn_rate,
+                run_time_s=run_time_s,
+                user_classes=user_classes,
+                shape=shape,
+                playback_speed=playback_speed,
+                num_inference_steps=num_inference_steps,
+                processes=processes,
+                auth_token=auth_token,
+                extra_args=locust_args,
+            )
+            code = execute(plan, thresholds, context)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; stopped everything this run started[/]")
+        code = EXIT_INTERRUPTED
+    except RunError as error:
+        console.print(f"[red]load test failed:[/] {error}")
+        code = EXIT_RUN_FAILED
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
