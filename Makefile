@@ -10,7 +10,7 @@ VENV := .venv
 RUN := $(UV) run --frozen --all-extras
 PORT ?= 3000
 
-.PHONY: venv serve test lint typecheck pytest bench loadtest seed-images clean
+.PHONY: venv serve test lint typecheck pytest bench loadtest seed-images bento-requirements bento clean
 
 venv: $(VENV)/.synced
 
@@ -36,6 +36,14 @@ test: lint typecheck pytest
 
 seed-images: venv
 	$(RUN) riffusion make-seed-images seed_images
+
+# The Bento's pinned packages (bentofile.yaml): regenerate after changing uv.lock.
+bento-requirements:
+	$(UV) export --frozen --no-dev --all-extras --no-hashes --no-emit-project -o deploy/bento-requirements.txt
+
+# Build the Bento (RIFFUSION_MODEL=tiny builds offline; a hub id packs the checkpoint).
+bento: venv
+	$(RUN) bentoml build
 
 loadtest: venv
 	$(RUN) python -m load_tests.run $(LOADTEST_ARGS)
