@@ -8,6 +8,7 @@ and offline smoke runs; it is always reported as tiny.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -129,7 +132,7 @@ def _tiny_tokenizer() -> CLIPTokenizer:
     vocab = {token: index for index, token in enumerate(tokens)}
     return CLIPTokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers wants (left, right) pairs
         model_max_length=TOKENIZER_MAX_LENGTH,
     )
 
@@ -214,9 +217,14 @@ def build_tiny_components(
 
 
 def _prepare_for_inference(components: RiffusionComponents) -> None:
-    for module in (components.unet, components.vae, components.text_encoder):
+    modules: tuple[torch.nn.Module, ...] = (
+        components.unet,
+        components.vae,
+        components.text_encoder,
+    )
+    for module in modules:
         # Cast only when needed: from_pretrained already loaded in the target dtype.
-        if module.dtype != components.dtype:
+        if next(module.parameters()).dtype != components.dtype:
             module.to(dtype=components.dtype)
         module.to(device=components.device)
         module.eval()
@@ -341,6 +349,13 @@ def _load_pretrained(
     resolved_device, resolved_dtype = _resolve_device_dtype(device, dtype)
     offline = _hub_offline()
     common: dict[str, Any] = {"local_files_only": offline}
+    # Skip random init before loading weights when accelerate is installed (faster for
+    # the full model); without it diffusers falls back anyway, so ask for that quietly.
+    diffusers_options: dict[str, Any] = {
+        **common,
+        "torch_dtype": resolved_dtype,
+        "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
+    }
     component = "scheduler"
     try:
         scheduler_config = dict(
@@ -353,13 +368,9 @@ def _load_pretrained(
             location, subfolder="text_encoder", dtype=resolved_dtype, **common
         )
         component = "vae"
-        vae = AutoencoderKL.from_pretrained(
-            location, subfolder="vae", torch_dtype=resolved_dtype, **common
-        )
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **diffusers_options)
         component = "unet"
-        unet = UNet2DConditionModel.from_pretrained(
-            location, subfolder="unet", torch_dtype=resolved_dtype, **common
-        )
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **diffusers_options)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ModelLoadError(
             _describe_load_failure(location, source_dir, component, offline, error)
