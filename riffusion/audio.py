@@ -136,7 +136,9 @@ def read_audio(
     except AudioError:
         raise
     except (sf.SoundFileError, RuntimeError, EOFError) as exc:
-        raise AudioError(f"corrupt or unrecognised audio data in {name}: {exc}") from exc
+        # LibsndfileError carries libsndfile's own short reason ("Format not recognised.").
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise AudioError(f"corrupt or unrecognised audio data in {name}: {reason}") from exc
     if frames_ct.shape[0] == 0:
         raise AudioError(f"empty audio: {name} contains no samples")
     if not np.isfinite(frames_ct).all():
