@@ -49,6 +49,7 @@ MAX_USERS = 2000
 MAX_RUN_TIME_S = 6 * 3600
 CSV_PREFIX = "locust"
 LOCUST_OK_CODES = (0, 1)  # locust exits 1 when any request failed: that is data, not an error
+STARTUP_FAILED_MARKER = "Application startup failed"
 EXIT_THRESHOLD, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 130
 
 console = Console(stderr=True)
@@ -173,6 +174,11 @@ class LocalServer:
                 raise RunError(
                     f"server exited with code {self.process.returncode} before it was ready; "
                     f"log {self.log_path}:\n{_log_tail(self.log_path)}"
+                )
+            if STARTUP_FAILED_MARKER in self.log_path.read_text(errors="replace"):
+                # BentoML keeps restarting a worker whose service fails to construct.
+                raise RunError(
+                    f"server failed to start; log {self.log_path}:\n{_log_tail(self.log_path)}"
                 )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:

@@ -145,7 +145,7 @@ def test_check_interpolation_payload_checks_every_clip() -> None:
 
 
 def test_load_shapes_follow_their_schedules() -> None:
-    ramp = [ramp_users(t, 100, 10) for t in range(0, 100, 10)]
+    ramp = [ramp_users(t, 100, 10) or 0 for t in range(0, 100, 10)]
     assert ramp == sorted(ramp) and ramp[0] == 2 and ramp[-1] == 10
     assert ramp_users(100, 100, 10) is None
     assert [spike_users(t, 100, 12) for t in (0, 39, 40, 59, 60, 99)] == [3, 3, 12, 12, 3, 3]
