@@ -288,11 +288,17 @@ class SpectrogramConverter:
     def griffin_lim(self, magnitudes: Tensor, generator: PhaseGenerator = None) -> Tensor:
         """Fast Griffin-Lim (momentum) on (..., n_stft, frames) magnitudes -> (..., samples).
 
-        torchaudio's ``GriffinLim`` draws its initial phase from the global RNG,
-        so the same iteration is run here with the initial phase drawn from
-        ``generator`` (uniform on the unit circle). A sequence of generators,
+        The iteration and the random initial phase are torchaudio's
+        ``GriffinLim`` (rand_init: real and imaginary parts uniform in [0, 1)),
+        except that the initial phase comes from ``generator`` rather than the
+        global RNG, so a reconstruction reproduces. A sequence of generators,
         one per item of the first dimension, gives each item of a batch the
         phase it would get alone, so its audio does not depend on its batch-mates.
+
+        Faster than torchaudio's loop at the same result: the phase update is
+        fused into real-valued in-place ops, and the inverse STFT overlap-adds
+        only the ``win_length`` samples the window leaves non-zero (see
+        ``_inverse_stft``), not all ``n_fft``.
         """
         p = self.params
         leading = magnitudes.shape[:-2]
@@ -305,35 +311,93 @@ class SpectrogramConverter:
                 )
             item_shape = magnitudes.shape[1:]
             angles = torch.cat([self._random_phase(item_shape, g)[None] for g in generators])
-            angles = angles.reshape(-1, *magnitudes.shape[-2:])
         else:
             angles = self._random_phase(magnitudes.shape, generator)
         magnitudes = magnitudes.reshape(-1, *magnitudes.shape[-2:]).to(self.device, torch.float32)
-        length = (magnitudes.shape[-1] - 1) * p.hop_length
-        stft_args: dict[str, Any] = {
-            "n_fft": p.n_fft,
-            "hop_length": p.hop_length,
-            "win_length": p.win_length,
-            "window": self.window,
-        }
+        angles = angles.reshape(magnitudes.shape)
+        # (batch, frames, n_stft): the layout torch.stft computes in, so no copies in the loop.
+        magnitudes = magnitudes.transpose(-1, -2).contiguous()
+        angles = angles.transpose(-1, -2)
+        num_frames = magnitudes.shape[-2]
+        envelope = self._window_envelope(num_frames)
         momentum = p.griffin_lim_momentum / (1 + p.griffin_lim_momentum)
-        previous = torch.zeros((), dtype=angles.dtype, device=self.device)
+        spectrum = magnitudes * angles
+        previous = torch.zeros_like(torch.view_as_real(spectrum))
         for _ in range(p.num_griffin_lim_iters):
-            waveform = torch.istft(magnitudes * angles, length=length, **stft_args)
-            rebuilt = torch.stft(
-                waveform, center=True, pad_mode="reflect", return_complex=True, **stft_args
-            )
-            angles = rebuilt - previous * momentum
-            angles = angles / (angles.abs() + 1e-16)
+            waveform = self._inverse_stft(spectrum, envelope)
+            rebuilt = torch.view_as_real(self._stft(waveform))
+            # angles = rebuilt - momentum * previous, normalised to unit modulus and
+            # scaled by the target magnitude, all on the (..., 2) real view.
+            update = rebuilt.sub(previous, alpha=momentum)
+            scale = magnitudes / update.square().sum(-1).sqrt_().add_(1e-16)
+            spectrum = torch.view_as_complex(update.mul_(scale.unsqueeze(-1)))
             previous = rebuilt
-        waveform = torch.istft(magnitudes * angles, length=length, **stft_args)
+        waveform = self._inverse_stft(spectrum, envelope)
         return waveform.reshape(*leading, waveform.shape[-1])
 
+    def _stft(self, waveform: Tensor) -> Tensor:
+        """(batch, samples) -> complex (batch, frames, n_stft), torch.stft as in ``spectrogram``."""
+        p = self.params
+        spectrum = torch.stft(
+            waveform,
+            n_fft=p.n_fft,
+            hop_length=p.hop_length,
+            win_length=p.win_length,
+            window=self.window,
+            center=True,
+            pad_mode="reflect",
+            onesided=True,
+            return_complex=True,
+        )
+        return spectrum.transpose(-1, -2)
+
+    def _inverse_stft(self, spectrum: Tensor, envelope: Tensor) -> Tensor:
+        """Complex (batch, frames, n_stft) -> (batch, (frames - 1) * hop); equals torch.istft.
+
+        torch.istft overlap-adds whole ``n_fft`` frames although the window
+        (``win_length``, centred in the frame) zeroes all but a quarter of each;
+        this keeps only that part, the same sum at a quarter of the work.
+        """
+        p = self.params
+        num_frames = spectrum.shape[-2]
+        offset = (p.n_fft - p.win_length) // 2
+        frames = torch.fft.irfft(spectrum, n=p.n_fft)[..., offset : offset + p.win_length]
+        frames = frames * self.window  # (batch, frames, win_length)
+        total = p.win_length + p.hop_length * (num_frames - 1)
+        summed = torch.nn.functional.fold(
+            frames.transpose(-1, -2),
+            output_size=(1, total),
+            kernel_size=(1, p.win_length),
+            stride=(1, p.hop_length),
+        ).reshape(frames.shape[0], total)
+        # center=True: the signal starts n_fft // 2 into the padded frame grid.
+        start = p.n_fft // 2 - offset
+        length = (num_frames - 1) * p.hop_length
+        return summed[:, start : start + length] / envelope
+
+    def _window_envelope(self, num_frames: int) -> Tensor:
+        """Sum of squared windows under each output sample (the istft normaliser)."""
+        p = self.params
+        total = p.win_length + p.hop_length * (num_frames - 1)
+        squares = self.window.square().expand(1, num_frames, -1).transpose(-1, -2)
+        summed = torch.nn.functional.fold(
+            squares,
+            output_size=(1, total),
+            kernel_size=(1, p.win_length),
+            stride=(1, p.hop_length),
+        ).reshape(total)
+        start = p.n_fft // 2 - (p.n_fft - p.win_length) // 2
+        envelope = summed[start : start + (num_frames - 1) * p.hop_length]
+        if bool((envelope < 1e-11).any()):
+            raise SpectrogramError("window overlap leaves gaps; step_size_ms is too large")
+        return envelope
+
     def _random_phase(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
-        # Draw on the generator's own device so a CPU generator works with CUDA.
+        # torchaudio's rand_init distribution. Drawn on the generator's own device
+        # so a CPU generator works with CUDA.
         draw_device = generator.device if generator is not None else self.device
-        phase = torch.rand(shape, generator=generator, device=draw_device) * (2 * torch.pi)
-        return torch.polar(torch.ones_like(phase), phase).to(self.device)
+        angles = torch.rand(shape, generator=generator, device=draw_device, dtype=torch.complex64)
+        return angles.to(self.device)
 
     def _check_mel_shape(self, amplitudes: Tensor) -> None:
         if amplitudes.ndim < 2 or amplitudes.shape[-2] != self.n_mels:
