@@ -66,47 +66,48 @@ MAX_CLIPS_AHEAD = 3  # the web app's prefetch depth
 HANDOFF_SLACK_S = 0.1
 PLAYBACK_REQUEST_TYPE = "PLAYBACK"
 FELL_BEHIND_NAME = "fell_behind"
+FAILED_CLIP_BACKOFF_S = 1.0
 T = TypeVar("T")
 
 
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: Any) -> None:
-    group = parser.add_argument_group("riffusion traffic model")
-    group.add_argument(
+    # On the parser itself: only LocustArgumentParser.add_argument knows is_secret.
+    parser.add_argument(
         "--playback-speed",
         type=float,
         default=1.0,
         env_var="LOADTEST_PLAYBACK_SPEED",
         help="Play clips this many times faster than real time (short smoke runs). Default 1.",
     )
-    group.add_argument(
+    parser.add_argument(
         "--num-inference-steps",
         type=int,
         default=WEB_APP_STEPS,
         env_var="LOADTEST_NUM_INFERENCE_STEPS",
         help="Diffusion steps per request (the web app sends 50).",
     )
-    group.add_argument(
+    parser.add_argument(
         "--seed-image-id",
         default=DEFAULT_SEED_IMAGE_ID,
         env_var="LOADTEST_SEED_IMAGE_ID",
         help="Seed image id the listeners riff on.",
     )
-    group.add_argument(
+    parser.add_argument(
         "--duration-tolerance",
         type=float,
         default=DEFAULT_DURATION_TOLERANCE_S,
         env_var="LOADTEST_DURATION_TOLERANCE",
         help="Allowed difference (s) between a clip's audio length and its declared duration.",
     )
-    group.add_argument(
+    parser.add_argument(
         "--request-timeout",
         type=float,
         default=60.0,
         env_var="LOADTEST_REQUEST_TIMEOUT",
         help="Client timeout per request in seconds (the web app gives up after 20-60 s).",
     )
-    group.add_argument(
+    parser.add_argument(
         "--auth-token",
         default="",
         env_var="LOADTEST_AUTH_TOKEN",
@@ -129,7 +130,7 @@ def validate_options(environment: Any, **_kwargs: Any) -> None:
 def http_failure_reason(response: ResponseContextManager) -> str:
     """``HTTP <status>: <detail>`` with the server's own message when it gave one."""
     if response.status_code == 0:
-        return f"connection error: {response.error}"
+        return f"connection error: {str(response.error)[:160]}"
     detail = ""
     try:
         body = response.json()
@@ -219,6 +220,7 @@ class WebAppListener(RiffusionUser):
             self.report_handoff(waited_s, clip)
         self.request_ahead()  # the web app asks for the next clip as this one starts
         if clip is None:
+            gevent.sleep(FAILED_CLIP_BACKOFF_S)  # like a browser retrying, not a tight loop
             return
         self.clips_played += 1
         gevent.sleep((clip.reported_duration_s or clip.audio_duration_s) / self.playback_speed)

@@ -1,5 +1,9 @@
 """Read locust's CSV output and ``/metrics`` scrapes; write the summary, chart and verdict.
 
+``python -m load_tests.report FOLDER [--max-p95-ms ...]`` (re)builds ``summary.md``,
+``summary.json`` and ``chart.png`` for a folder of locust output (e.g. from a plain
+distributed ``locust --csv FOLDER/locust --csv-full-history`` run) and gates on it.
+
 Locust writes ``<prefix>_stats.csv`` (totals per endpoint), ``<prefix>_stats_history.csv``
 (one row per endpoint every few seconds) and ``<prefix>_failures.csv`` (reasons). Rows
 of type ``PLAYBACK`` are the web-app listeners' clip hand-overs, not HTTP requests:
@@ -9,16 +13,21 @@ they are summarised as the fell-behind rate and kept out of the request figures.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 from prometheus_client.parser import text_string_to_metric_families
 
+CSV_PREFIX = "locust"
+METRICS_BEFORE, METRICS_AFTER = "metrics_before.txt", "metrics_after.txt"
 PLAYBACK_REQUEST_TYPE = "PLAYBACK"
 AGGREGATED_NAME = "Aggregated"
 BATCH_SIZE_METRIC = "riffusion_batch_size"
@@ -532,3 +541,56 @@ def plot_history(history: Sequence[HistoryPoint], output: Path) -> Path:
     figure.savefig(output, dpi=100)
     plt.close(figure)
     return output
+
+
+def write_report(
+    folder: Path,
+    csv_prefix: str = CSV_PREFIX,
+    thresholds: Thresholds | None = None,
+    context: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write ``summary.md``, ``summary.json`` and ``chart.png`` into ``folder``.
+
+    Uses ``<csv_prefix>_*.csv`` and, when present, the ``/metrics`` scrapes saved as
+    ``metrics_before.txt``/``metrics_after.txt``. Returns the threshold violations.
+    """
+    thresholds = thresholds or Thresholds()
+    scrapes = [folder / METRICS_BEFORE, folder / METRICS_AFTER]
+    before, after = (path.read_text() if path.is_file() else None for path in scrapes)
+    summary = summarize(folder / csv_prefix, before, after, context)
+    violations = threshold_violations(summary, thresholds)
+    plot_history(read_history(folder / f"{csv_prefix}_stats_history.csv"), folder / "chart.png")
+    (folder / "summary.md").write_text(render_markdown(summary, violations))
+    verdict = {"thresholds": asdict(thresholds), "violations": violations}
+    (folder / "summary.json").write_text(json.dumps(summary.to_dict() | verdict, indent=2))
+    return violations
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--csv-prefix", default=CSV_PREFIX, help="The --csv prefix locust was given.")
+@click.option("--max-p95-ms", type=click.FloatRange(min=0), default=None)
+@click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=None)
+@click.option("--max-fell-behind-rate", type=click.FloatRange(0, 1), default=None)
+def main(
+    folder: Path,
+    csv_prefix: str,
+    max_p95_ms: float | None,
+    max_failure_rate: float | None,
+    max_fell_behind_rate: float | None,
+) -> None:
+    """Summarise a folder of locust CSV output; exit 1 if a threshold is exceeded."""
+    try:
+        violations = write_report(
+            folder, csv_prefix, Thresholds(max_p95_ms, max_failure_rate, max_fell_behind_rate)
+        )
+    except ReportError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {folder}/summary.md, summary.json, chart.png")
+    for violation in violations:
+        click.echo(f"threshold exceeded: {violation}", err=True)
+    sys.exit(1 if violations else 0)
+
+
+if __name__ == "__main__":
+    main()

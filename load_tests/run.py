@@ -12,7 +12,6 @@ one is printed); 2 = the run itself failed (bad option, server or locust error);
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,14 +31,7 @@ import click
 import httpx
 from rich.console import Console
 
-from load_tests.report import (
-    Thresholds,
-    plot_history,
-    read_history,
-    render_markdown,
-    summarize,
-    threshold_violations,
-)
+from load_tests.report import CSV_PREFIX, METRICS_AFTER, METRICS_BEFORE, Thresholds, write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -47,7 +39,6 @@ USER_CLASSES = ("WebAppListener", "ApiClient")
 SHAPES = ("ramp", "spike", "soak")
 MAX_USERS = 2000
 MAX_RUN_TIME_S = 6 * 3600
-CSV_PREFIX = "locust"
 LOCUST_OK_CODES = (0, 1)  # locust exits 1 when any request failed: that is data, not an error
 STARTUP_FAILED_MARKER = "Application startup failed"
 EXIT_THRESHOLD, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 130
@@ -304,30 +295,6 @@ def _progress(plan: LocustPlan, log_path: Path) -> str:
     return f"{plan.users} users max, {plan.run_time_s} s, log {log_path} ({size} bytes)"
 
 
-def write_outputs(
-    plan: LocustPlan,
-    metrics_before: str | None,
-    metrics_after: str | None,
-    context: dict[str, str],
-    thresholds: Thresholds,
-) -> list[str]:
-    """Summary, chart and metrics scrapes into the output folder; returns threshold violations."""
-    for name, text in (
-        ("metrics_before.txt", metrics_before),
-        ("metrics_after.txt", metrics_after),
-    ):
-        if text is not None:
-            (plan.output / name).write_text(text)
-    summary = summarize(plan.csv_prefix, metrics_before, metrics_after, context)
-    violations = threshold_violations(summary, thresholds)
-    history_path = Path(f"{plan.csv_prefix}_stats_history.csv")
-    plot_history(read_history(history_path), plan.output / "chart.png")
-    (plan.output / "summary.md").write_text(render_markdown(summary, violations))
-    verdict = {"thresholds": thresholds.__dict__, "violations": violations}
-    (plan.output / "summary.json").write_text(json.dumps(summary.to_dict() | verdict, indent=2))
-    return violations
-
-
 def execute(plan: LocustPlan, thresholds: Thresholds, context: dict[str, str]) -> int:
     """Run locust against ``plan.host`` and write the outputs; returns the exit status."""
     headers = {"Authorization": f"Bearer {plan.auth_token}"} if plan.auth_token else {}
@@ -341,7 +308,10 @@ def execute(plan: LocustPlan, thresholds: Thresholds, context: dict[str, str]) -
             f"{_log_tail(plan.output / 'locust.log')}"
         )
     context = {"started": started.isoformat(timespec="seconds"), **context}
-    violations = write_outputs(plan, metrics_before, metrics_after, context, thresholds)
+    for name, text in ((METRICS_BEFORE, metrics_before), (METRICS_AFTER, metrics_after)):
+        if text is not None:
+            (plan.output / name).write_text(text)
+    violations = write_report(plan.output, CSV_PREFIX, thresholds, context)
     console.print(f"results in {plan.output}/ (summary.md, report.html, chart.png, CSV)")
     for violation in violations:
         console.print(f"[red]threshold exceeded:[/] {violation}")

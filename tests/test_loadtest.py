@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from click.testing import CliRunner
 from PIL import Image
 
 from load_tests.report import (
@@ -30,6 +31,9 @@ from load_tests.report import (
     render_markdown,
     summarize,
     threshold_violations,
+)
+from load_tests.report import (
+    main as report_main,
 )
 from load_tests.run import LocalServer, parse_env_assignments, parse_run_time
 from load_tests.traffic import (
@@ -284,6 +288,22 @@ def test_chart_is_written_from_history(synthetic_run: Path, tmp_path: Path) -> N
     chart = plot_history(history, tmp_path / "chart.png")
     with Image.open(chart) as image:
         assert image.format == "PNG" and image.size[1] > image.size[0] // 2  # three panels
+
+
+def test_report_command_rebuilds_and_gates_a_folder(synthetic_run: Path) -> None:
+    folder = synthetic_run.parent
+    (folder / "metrics_before.txt").write_text(_metrics({"1.0": 1}, 1.0))
+    (folder / "metrics_after.txt").write_text(_metrics({"1.0": 1, "4.0": 2}, 9.0))
+    passed = CliRunner().invoke(report_main, [str(folder), "--max-failure-rate", "0.1"])
+    assert passed.exit_code == 0, passed.output
+    assert "mean batch size 4.00" in (folder / "summary.md").read_text()
+    assert (folder / "chart.png").stat().st_size > 0
+    failed = CliRunner().invoke(report_main, [str(folder), "--max-fell-behind-rate", "0.1"])
+    assert failed.exit_code == 1
+    assert "fell-behind rate is 25.00%" in failed.output
+    assert json.loads((folder / "summary.json").read_text())["violations"]
+    missing = CliRunner().invoke(report_main, [str(folder), "--csv-prefix", "nothing"])
+    assert missing.exit_code == 1 and "nothing_stats.csv is missing" in missing.output
 
 
 def test_histogram_deltas_ignore_other_metrics() -> None:
