@@ -1,0 +1,124 @@
+"""`bentoml build` offline with the tiny model, into a throwaway BentoML home."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTOML = Path(sys.executable).parent / "bentoml"
+PIN_RE = re.compile(r"^([A-Za-z0-9_.\-\[\]]+)==([^\s;]+)")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()
+
+
+def _pins(text: str) -> dict[str, str]:
+    pins = {}
+    for line in text.splitlines():
+        match = PIN_RE.match(line.strip())
+        if match:
+            pins[_normalise(match.group(1))] = match.group(2)
+    return pins
+
+
+def _offline_env(tmp_path: Path, model: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RIFFUSION_MODEL": model,
+    }
+
+
+@pytest.fixture(scope="module")
+def bento_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("bento_build")
+    result = subprocess.run(
+        [str(BENTOML), "build", "-o", "tag"],
+        cwd=ROOT,
+        env=_offline_env(tmp_path, "tiny"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"__tag__:(\S+):(\S+)", result.stdout)
+    assert match, result.stdout
+    name, version = match.groups()
+    path = tmp_path / "bentoml" / "bentos" / name / version
+    assert path.is_dir()
+    return path
+
+
+def test_dockerfile_installs_the_pinned_requirements(bento_dir: Path) -> None:
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+    assert "FROM python:3.11" in dockerfile
+    assert "ENV RIFFUSION_MODEL=$RIFFUSION_MODEL" in dockerfile
+
+    installed = _pins((bento_dir / "env" / "python" / "requirements.txt").read_text())
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {_normalise(p["name"]): p["version"] for p in lock["package"] if "version" in p}
+    for package in ("torch", "torchaudio", "diffusers", "transformers", "bentoml", "soundfile"):
+        assert installed[package] == locked[package], package
+    # Every pin agrees with uv.lock (the requirements file is regenerated from it).
+    mismatched = {
+        name: (version, locked.get(name))
+        for name, version in installed.items()
+        if locked.get(name) != version
+    }
+    assert not mismatched
+
+
+def test_bento_contents_and_services(bento_dir: Path) -> None:
+    src = bento_dir / "src"
+    for path in ("service.py", "riffusion/pipeline.py", "riffusion/api_schemas.py"):
+        assert (src / path).is_file(), path
+    assert (src / "seed_images" / "manifest.json").is_file()
+    assert (src / "seed_images" / "og_beat.png").is_file()
+    assert not (src / "tests").exists()
+
+    info: dict[str, Any] = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert info["service"] == "service:Riffusion"
+    assert info["models"] == []  # tiny: nothing to pack, so the build needs no network
+    services = {s["name"]: s for s in info["services"]}
+    assert services["riffusion"]["dependencies"] == [{"service": "riffusion_model"}]
+    model_config = services["riffusion_model"]["config"]
+    assert model_config["resources"] == {"gpu": 1, "gpu_type": "nvidia-a10g"}
+    assert model_config["workers"] == 1
+    assert "gpu" not in services["riffusion"]["config"].get("resources", {})
+    assert services["riffusion"]["config"]["http"]["cors"]["enabled"] is True
+    envs = {e["name"]: e["value"] for e in info["envs"]}
+    assert envs["RIFFUSION_MODEL"] == "riffusion/riffusion-model-v1"
+    routes = {r["route"] for r in info["schema"]["routes"]}
+    assert {"/run_inference/", "/text_to_audio", "/audio_to_audio", "/interpolate"} <= routes
+
+
+@pytest.mark.parametrize(
+    ("model", "declared"),
+    [("riffusion/riffusion-model-v1", ["riffusion/riffusion-model-v1"]), ("tiny", [])],
+)
+def test_hub_model_declared_only_for_hub_ids(tmp_path: Path, model: str, declared: list) -> None:
+    """A hub id is declared on the model service (so a networked build packs it); tiny is not."""
+    script = "import service\nprint([m.model_id for m in service.RiffusionModel.models])\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=_offline_env(tmp_path, model),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == repr(declared)
