@@ -301,13 +301,15 @@ SEED_SPECS: tuple[SeedSpec, ...] = (
 )
 
 MASK_SPECS: tuple[MaskSpec, ...] = (
-    MaskSpec("mask_top_third", "repaint the top third (highs above ~4.5 kHz), keep lows and mids"),
+    MaskSpec("mask_top_third", "repaint the top third (highs above ~3.6 kHz), keep lows and mids"),
     MaskSpec("mask_left_half", "repaint the first 2.56 s, keep the second half"),
     MaskSpec("mask_gradient", "left-to-right ramp from keep (black) to repaint (white)"),
     MaskSpec(
         "mask_beat_lines", "keep 160 ms at each beat of og_beat's 8-beat grid, repaint the rest"
     ),
-    MaskSpec("mask_bottom_third", "repaint the bottom third (bass and kick), keep the rest"),
+    MaskSpec(
+        "mask_bottom_third", "repaint the bottom third (below ~1 kHz: bass and kick), keep the rest"
+    ),
 )
 
 

@@ -188,7 +188,9 @@ def print_exif(image_file: Path) -> None:
 @cli.command("sample-clips")
 @click.argument("audio_file", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--num-clips", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--num-clips", type=click.IntRange(min=1), default=4, show_default=True, help="Clips to cut."
+)
 @click.option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
@@ -210,6 +212,7 @@ def print_exif(image_file: Path) -> None:
     type=click.Choice(SUPPORTED_FORMATS),
     default="wav",
     show_default=True,
+    help="Audio format of the clips.",
 )
 def sample_clips(
     audio_file: Path,
