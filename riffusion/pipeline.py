@@ -1,0 +1,467 @@
+"""Batched Riffusion diffusion over heterogeneous generation jobs.
+
+``RiffusionPipeline.run(jobs)`` turns a list of ``GenerationJob`` into
+spectrogram images and audio. The steps, in order:
+
+1. validate every job (seed/mask ids, init images) before any compute;
+2. prepare each job on its own: text embeddings lerped between the start and
+   end inputs (negative prompts likewise, for the unconditional branch),
+   guidance and denoising lerped, noise slerped between the two seeds' noise,
+   the seed image VAE-encoded, the mask reduced to the latent grid, and a
+   scheduler of the job's own;
+3. denoise jobs of the same latent shape together: at every iteration each
+   running job adds its latents twice (unconditional, conditional) to ONE UNet
+   forward with a per-sample timestep, then steps its own scheduler, then
+   re-applies its mask; jobs with fewer steps drop out early;
+4. decode all latents of a shape in one VAE call, read the pixels as mel
+   amplitudes and run one batched Griffin-Lim with a generator per job;
+5. normalise loudness and return one ``GeneratedClip`` per job, in job order.
+
+Per-job randomness comes from generators seeded by the job's own seeds and
+drawn on the CPU, so a job's result does not depend on its batch-mates or on
+the device's RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+
+from riffusion.audio import Audio, normalize_loudness
+from riffusion.latents import (
+    LATENT_CHANNELS,
+    CacheStats,
+    LRUCache,
+    keep_mask_from_image,
+    lerp,
+    lerp_float,
+    model_output_to_pixels,
+    pixels_to_model_input,
+    seeded_noise,
+    slerp,
+)
+from riffusion.models import DEFAULT_MODEL_ID, RiffusionComponents, load_components
+from riffusion.prompts import PromptEncoder
+from riffusion.schedulers import JobSchedule, make_scheduler, schedule_job, scheduler_step
+from riffusion.schemas import HEIGHT, MAX_WIDTH, MIN_WIDTH, WIDTH_MULTIPLE, GenerationJob
+from riffusion.seed_images import SeedImageLibrary
+from riffusion.spectrogram import (
+    INT16_FULL_SCALE,
+    SpectrogramParams,
+    get_converter,
+    mel_amplitudes_from_pixels,
+)
+from riffusion.unet_backends import UNetBackend, prepare_unet
+
+logger = logging.getLogger(__name__)
+
+# Called after every UNet forward with (job-steps done, job-steps in total).
+ProgressCallback = Callable[[int, int], None]
+SEED_LATENT_CACHE_SIZE = 64
+
+
+class InvalidJobError(ValueError):
+    """A generation job that cannot run; the message names the job and the problem."""
+
+
+@dataclass
+class GeneratedClip:
+    """One job's output."""
+
+    image: PIL.Image.Image  # spectrogram as decoded by the VAE, with EXIF
+    audio: Audio  # normalised loudness
+    timings: dict[str, float]  # seconds: encode/denoise/denoise_per_step/decode/griffin_lim/total
+    latents: Tensor  # (1, 4, h, w) float32 on the CPU: final latents before the VAE decode
+
+
+@dataclass
+class JobState:
+    """Everything one job carries through the denoising loop."""
+
+    index: int
+    job: GenerationJob
+    text_embeddings: Tensor  # (2, T, D): [unconditional, conditional]
+    guidance: float
+    schedule: JobSchedule
+    noise: Tensor  # (1, 4, h, w) float32
+    init_latents: Tensor | None  # (1, 4, h, w) float32, the VAE-encoded seed image
+    keep_mask: Tensor | None  # (1, 1, h, w) float32, 1 = keep the seed image
+    latents: Tensor  # (1, 4, h, w) float32, updated in the loop
+    step_generator: torch.Generator  # for schedulers that draw noise while stepping
+    steps_done: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return int(self.latents.shape[-2]), int(self.latents.shape[-1])
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done >= self.num_steps
+
+    @property
+    def timestep(self) -> Tensor:
+        return self.schedule.timesteps[self.steps_done]
+
+
+@dataclass
+class _ValidatedImages:
+    """A job's seed and mask images, loaded and checked during validation."""
+
+    seed_image: PIL.Image.Image | None
+    seed_key: str | None  # cache key: library id or PNG hash
+    mask_image: PIL.Image.Image | None
+
+
+class RiffusionPipeline:
+    """Riffusion's diffusion pipeline, batched over heterogeneous jobs."""
+
+    def __init__(
+        self,
+        components: RiffusionComponents,
+        unet_backend: UNetBackend = "eager",
+        seed_images: SeedImageLibrary | None = None,
+        spectrogram_params: SpectrogramParams | None = None,
+        seed_latent_cache_size: int = SEED_LATENT_CACHE_SIZE,
+    ) -> None:
+        self.components = components
+        self.device = components.device
+        self.dtype = components.dtype
+        self.unet_backend = unet_backend
+        self.unet_forward = prepare_unet(components, unet_backend)
+        self.prompt_encoder = PromptEncoder(components.tokenizer, components.text_encoder)
+        self.seed_images = seed_images if seed_images is not None else SeedImageLibrary()
+        self.spectrogram_params = spectrogram_params or SpectrogramParams()
+        self.seed_latent_cache: LRUCache[tuple[str, int], Tensor] = LRUCache(seed_latent_cache_size)
+        vae = components.vae
+        self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        self.vae_scaling = float(vae.config["scaling_factor"])
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL_ID,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        unet_backend: UNetBackend = "eager",
+        seed_images: SeedImageLibrary | None = None,
+        spectrogram_params: SpectrogramParams | None = None,
+    ) -> RiffusionPipeline:
+        """Load ``model`` (hub id, local diffusers directory or ``tiny``) and build the pipeline."""
+        components = load_components(model, device=device, dtype=dtype)
+        return cls(components, unet_backend, seed_images, spectrogram_params)
+
+    def describe(self) -> dict[str, Any]:
+        """Model id, tiny or not, device, dtype and UNet backend, for logs and health checks."""
+        return {
+            **self.components.describe(),
+            "unet_backend": self.unet_backend,
+            "griffin_lim_iters": self.spectrogram_params.num_griffin_lim_iters,
+        }
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """Hit/miss counters of the text-embedding and seed-latent caches."""
+        return {
+            "text_embeddings": self.prompt_encoder.cache_stats,
+            "seed_latents": self.seed_latent_cache.stats,
+        }
+
+    # --- 1. validation ---------------------------------------------------------------------------
+
+    def validate(self, jobs: Sequence[GenerationJob]) -> list[_ValidatedImages]:
+        """Load and check every job's images; raises before any model compute.
+
+        Unknown seed/mask ids raise the seed-image library's error; a bad init
+        image raises ``InvalidJobError``.
+        """
+        return [self._validate_job(index, job) for index, job in enumerate(jobs)]
+
+    def _validate_job(self, index: int, job: GenerationJob) -> _ValidatedImages:
+        seed_image: PIL.Image.Image | None = None
+        seed_key: str | None = None
+        if job.seed_image_id is not None:
+            self.seed_images.info(job.seed_image_id, kind="seed")
+            seed_image = self.seed_images.load(job.seed_image_id, kind="seed")
+            seed_key = f"id:{job.seed_image_id}"
+        elif job.init_image_png is not None:
+            seed_image = _decode_png(index, job.init_image_png)
+            seed_key = "png:" + hashlib.sha256(job.init_image_png).hexdigest()
+        if seed_image is not None:
+            _check_spectrogram_size(index, seed_image)
+        mask_image: PIL.Image.Image | None = None
+        if job.mask_image_id is not None:
+            self.seed_images.info(job.mask_image_id, kind="mask")
+            mask_image = self.seed_images.load(job.mask_image_id, kind="mask")
+        return _ValidatedImages(seed_image, seed_key, mask_image)
+
+    # --- 2. per-job preparation ------------------------------------------------------------------
+
+    def prepare(
+        self, job: GenerationJob, index: int = 0, images: _ValidatedImages | None = None
+    ) -> JobState:
+        """Embeddings, noise, init latents, mask and scheduler for one job (no denoising)."""
+        began = time.perf_counter()
+        if images is None:
+            images = self._validate_job(index, job)
+        start, end = job.start, job.end_or_start
+        # Without an end input the job is the start input alone, whatever alpha says.
+        alpha = job.alpha if job.end is not None else 0.0
+
+        text_embeddings = self._text_embeddings(job, alpha)  # (2, T, D)
+        guidance = lerp_float(start.guidance, end.guidance, alpha)
+
+        image_width = images.seed_image.width if images.seed_image is not None else job.width
+        latent_shape = (
+            1,
+            LATENT_CHANNELS,
+            HEIGHT // self.vae_scale_factor,
+            image_width // self.vae_scale_factor,
+        )
+        noise = slerp(
+            seeded_noise(start.seed, latent_shape), seeded_noise(end.seed, latent_shape), alpha
+        )
+        noise = noise.to(self.device)
+
+        scheduler = make_scheduler(job.scheduler, self.components.scheduler_config)
+        init_latents: Tensor | None = None
+        keep_mask: Tensor | None = None
+        if images.seed_image is not None and images.seed_key is not None:
+            denoising = lerp_float(start.denoising, end.denoising, alpha)
+            schedule = schedule_job(scheduler, job.num_inference_steps, denoising)
+            init_latents = self._seed_latents(images.seed_key, images.seed_image, start.seed)
+            if schedule.num_steps > 0:
+                latents = schedule.add_noise(init_latents, noise, schedule.timesteps[0])
+            else:
+                latents = init_latents.clone()
+            if images.mask_image is not None:
+                keep_mask = keep_mask_from_image(
+                    images.mask_image, latent_shape[-2], latent_shape[-1]
+                ).to(self.device)
+        else:
+            schedule = schedule_job(scheduler, job.num_inference_steps, None)
+            latents = noise * schedule.scheduler.init_noise_sigma
+
+        return JobState(
+            index=index,
+            job=job,
+            text_embeddings=text_embeddings,
+            guidance=guidance,
+            schedule=schedule,
+            noise=noise,
+            init_latents=init_latents,
+            keep_mask=keep_mask,
+            latents=latents,
+            step_generator=torch.Generator("cpu").manual_seed(start.seed),
+            timings={"encode": time.perf_counter() - began},
+        )
+
+    def _text_embeddings(self, job: GenerationJob, alpha: float) -> Tensor:
+        """(2, T, D) float32: [lerped negative embedding, lerped prompt embedding].
+
+        All four texts of a job are embedded with the same number of CLIP
+        windows (the most any of them needs), so they can be lerped and stacked.
+        """
+        start, end = job.start, job.end_or_start
+        texts = [start.prompt, end.prompt, start.negative_prompt or "", end.negative_prompt or ""]
+        encoded = [self.prompt_encoder.encode(text) for text in texts]
+        length = max(embedding.shape[1] for embedding in encoded)
+        windows = length // self.prompt_encoder.window_length
+        encoded = [
+            e if e.shape[1] == length else self.prompt_encoder.encode(t, num_windows=windows)
+            for t, e in zip(texts, encoded, strict=True)
+        ]
+        start_cond, end_cond, start_uncond, end_uncond = (e.float() for e in encoded)
+        cond = lerp(start_cond, end_cond, alpha)
+        uncond = lerp(start_uncond, end_uncond, alpha)
+        return torch.cat([uncond, cond])
+
+    def _seed_latents(self, key: str, image: PIL.Image.Image, seed: int) -> Tensor:
+        """(1, 4, h, w) float32 VAE latents of a seed image, sampled with ``seed`` (cached)."""
+
+        def encode() -> Tensor:
+            vae = self.components.vae
+            pixels = pixels_to_model_input(image).to(self.device, vae.dtype)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            sample = vae.encode(pixels).latent_dist.sample(generator=generator)
+            return (sample * self.vae_scaling).float()
+
+        return self.seed_latent_cache.get_or_compute((key, seed), encode)
+
+    # --- 3. batched denoising --------------------------------------------------------------------
+
+    def denoise(self, states: Sequence[JobState], progress: ProgressCallback | None = None) -> None:
+        """Run every job's denoising loop; jobs of one latent shape share each UNet forward."""
+        total = sum(state.num_steps for state in states)
+        done = 0
+        for group in _group_by(states, lambda state: state.latent_shape).values():
+            began = time.perf_counter()
+            running = [state for state in group if not state.finished]
+            for state in group:
+                if state.finished:
+                    state.timings["denoise"] = 0.0
+            while running:
+                # Jobs whose prompts need different numbers of CLIP windows cannot share a forward.
+                for batch in _group_by(running, lambda s: s.text_embeddings.shape[1]).values():
+                    self._denoise_step(batch)
+                    done += len(batch)
+                    if progress is not None:
+                        progress(done, total)
+                for state in running:
+                    if state.finished:
+                        state.timings["denoise"] = time.perf_counter() - began
+                running = [state for state in running if not state.finished]
+
+    def _denoise_step(self, batch: Sequence[JobState]) -> None:
+        """One UNet forward for ``batch`` (B jobs, 2B samples), then each job's own step."""
+        latent_model_input = torch.cat(
+            [s.schedule.scheduler.scale_model_input(s.latents, s.timestep) for s in batch]
+        )  # (B, 4, h, w)
+        latent_model_input = torch.cat([latent_model_input, latent_model_input])  # (2B, 4, h, w)
+        timesteps = torch.stack([s.timestep.float() for s in batch]).to(self.device)  # (B,)
+        timesteps = torch.cat([timesteps, timesteps])  # (2B,)
+        text_embeddings = torch.cat(
+            [
+                torch.stack([s.text_embeddings[0] for s in batch]),
+                torch.stack([s.text_embeddings[1] for s in batch]),
+            ]
+        )  # (2B, T, D): unconditional half, then conditional half
+
+        noise_pred = self.unet_forward(
+            latent_model_input.to(self.dtype), timesteps, text_embeddings.to(self.dtype)
+        ).float()  # (2B, 4, h, w)
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)  # (B, 4, h, w) each
+
+        for row, state in enumerate(batch):
+            uncond = noise_pred_uncond[row : row + 1]
+            guided = uncond + state.guidance * (noise_pred_text[row : row + 1] - uncond)
+            timestep = state.timestep
+            state.latents = scheduler_step(
+                state.schedule.scheduler, guided, timestep, state.latents, state.step_generator
+            )
+            if state.keep_mask is not None and state.init_latents is not None:
+                # The kept region follows the seed image, noised to the step's timestep.
+                kept = state.schedule.add_noise(state.init_latents, state.noise, timestep)
+                state.latents = kept * state.keep_mask + state.latents * (1 - state.keep_mask)
+            state.steps_done += 1
+
+    # --- 4. decoding -----------------------------------------------------------------------------
+
+    def decode_pixels(self, latents: Tensor) -> Tensor:
+        """(B, 4, h, w) latents -> uint8 (B, 3, H, W) spectrogram pixels, one VAE call."""
+        vae = self.components.vae
+        decoded = vae.decode(latents.to(self.device, vae.dtype) / self.vae_scaling).sample
+        return model_output_to_pixels(decoded)
+
+    def griffin_lim(
+        self, pixels: Tensor, generators: Sequence[torch.Generator]
+    ) -> list[np.ndarray]:
+        """uint8 (B, 3, H, W) pixels -> B waveforms (channels, samples), one Griffin-Lim call."""
+        params = self.spectrogram_params
+        amplitudes = mel_amplitudes_from_pixels(pixels, params)  # (B, C, H, W)
+        converter = get_converter(params, self.device)
+        waveforms = converter.waveform_from_mel_amplitudes(
+            amplitudes.to(self.device), generator=list(generators)
+        )  # (B, C, samples)
+        return [(w / INT16_FULL_SCALE).cpu().numpy().astype(np.float32) for w in waveforms]
+
+    def _spectrogram_image(self, pixels: Tensor, amplitudes_max: float) -> PIL.Image.Image:
+        """uint8 (3, H, W) -> RGB image with the format's EXIF tags."""
+        image = PIL.Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+        exif = image.getexif()
+        for tag, value in self.spectrogram_params.to_exif(max_value=amplitudes_max).items():
+            exif[tag] = value
+        image.info["exif"] = exif.tobytes()
+        return image
+
+    # --- 5. the whole run ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(
+        self, jobs: Sequence[GenerationJob], progress: ProgressCallback | None = None
+    ) -> list[GeneratedClip]:
+        """Generate one clip per job, in job order; a job's output ignores its batch-mates."""
+        began = time.perf_counter()
+        images = self.validate(jobs)
+        states = [
+            self.prepare(job, index, job_images)
+            for index, (job, job_images) in enumerate(zip(jobs, images, strict=True))
+        ]
+        self.denoise(states, progress)
+
+        clips: dict[int, GeneratedClip] = {}
+        params = self.spectrogram_params
+        for group in _group_by(states, lambda state: state.latent_shape).values():
+            latents = torch.cat([state.latents for state in group])  # (B, 4, h, w)
+            decode_began = time.perf_counter()
+            pixels = self.decode_pixels(latents)  # (B, 3, H, W) uint8
+            decode_s = time.perf_counter() - decode_began
+
+            griffin_lim_began = time.perf_counter()
+            generators = [torch.Generator("cpu").manual_seed(s.job.start.seed) for s in group]
+            waveforms = self.griffin_lim(pixels, generators)
+            griffin_lim_s = time.perf_counter() - griffin_lim_began
+
+            amplitudes_max = mel_amplitudes_from_pixels(pixels.cpu(), params).amax(dim=(1, 2, 3))
+            for row, state in enumerate(group):
+                audio = normalize_loudness(Audio(waveforms[row], params.sample_rate))
+                timings = dict(state.timings)
+                steps = max(state.num_steps, 1)
+                timings.update(
+                    denoise_per_step=timings.get("denoise", 0.0) / steps,
+                    decode=decode_s,
+                    griffin_lim=griffin_lim_s,
+                    total=time.perf_counter() - began,
+                )
+                clips[state.index] = GeneratedClip(
+                    image=self._spectrogram_image(pixels[row], float(amplitudes_max[row])),
+                    audio=audio,
+                    timings=timings,
+                    latents=state.latents.detach().cpu(),
+                )
+        return [clips[index] for index in range(len(jobs))]
+
+
+def _group_by(items: Sequence[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
+    """Items grouped by ``key``, groups and members in first-seen order."""
+    groups: dict[Any, list[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def _decode_png(index: int, data: bytes) -> PIL.Image.Image:
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise InvalidJobError(
+            f"job {index}: init_image_png is not a readable image: {error}"
+        ) from error
+    return image
+
+
+def _check_spectrogram_size(index: int, image: PIL.Image.Image) -> None:
+    if image.height != HEIGHT:
+        raise InvalidJobError(
+            f"job {index}: seed image is {image.height} px high; spectrogram images are "
+            f"{HEIGHT} px high (one row per mel bin)"
+        )
+    if image.width % WIDTH_MULTIPLE or not MIN_WIDTH <= image.width <= MAX_WIDTH:
+        raise InvalidJobError(
+            f"job {index}: seed image is {image.width} px wide; the width must be a multiple of "
+            f"{WIDTH_MULTIPLE} between {MIN_WIDTH} and {MAX_WIDTH}"
+        )
