@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import re
+import statistics
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,6 +101,7 @@ class LoadTestSummary:
     failures: list[FailureReason]
     histograms: dict[str, HistogramDelta] = field(default_factory=dict)
     context: dict[str, str] = field(default_factory=dict)
+    steps: list[LoadStep] = field(default_factory=list)
 
     @property
     def total_requests(self) -> int:
@@ -158,6 +160,10 @@ class LoadTestSummary:
             "endpoints": [asdict(e) | {"failure_rate": e.failure_rate} for e in self.endpoints],
             "playback": asdict(self.playback) if self.playback else None,
             "failures": [asdict(f) for f in self.failures],
+            "steps": [
+                asdict(s) | {"rps": s.rps, "fell_behind_rate": s.fell_behind_rate}
+                for s in self.steps
+            ],
             "histograms": {
                 name: asdict(h) | {"mean": h.mean, "max_upper_bound": h.max_upper_bound}
                 for name, h in self.histograms.items()
@@ -263,6 +269,89 @@ def read_history(path: Path) -> list[HistoryPoint]:
     ]
 
 
+@dataclass(frozen=True)
+class LoadStep:
+    """A stretch of the run at one user count (one step of a ramp, the peak of a spike)."""
+
+    users: int
+    start_s: float
+    end_s: float
+    requests: int
+    failures: int
+    p95_ms: float | None  # median over the step of the slowest endpoint's window p95
+    handoffs: int
+    fell_behind: int
+
+    @property
+    def rps(self) -> float:
+        duration = self.end_s - self.start_s
+        return self.requests / duration if duration > 0 else 0.0
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.requests if self.requests else 0.0
+
+    @property
+    def fell_behind_rate(self) -> float | None:
+        return self.fell_behind / self.handoffs if self.handoffs else None
+
+
+def load_steps(history: Sequence[HistoryPoint]) -> list[LoadStep]:
+    """Split the history where the user count changes; counts are exact deltas per step."""
+    by_time: dict[float, list[HistoryPoint]] = {}
+    for point in history:
+        by_time.setdefault(point.elapsed_s, []).append(point)
+    segments: list[tuple[int, list[float]]] = []
+    for elapsed, points in sorted(by_time.items()):
+        users = next((p.users for p in points if p.name == AGGREGATED_NAME), points[0].users)
+        if segments and segments[-1][0] == users:
+            segments[-1][1].append(elapsed)
+        else:
+            segments.append((users, [elapsed]))
+
+    def totals(elapsed: float | None) -> tuple[int, int, int, int]:
+        points = by_time.get(elapsed, []) if elapsed is not None else []
+        requests = [p for p in points if p.request_type not in ("", PLAYBACK_REQUEST_TYPE)]
+        playback = [p for p in points if p.request_type == PLAYBACK_REQUEST_TYPE]
+        return (
+            sum(p.total_requests for p in requests),
+            sum(p.total_failures for p in requests),
+            sum(p.total_requests for p in playback),
+            sum(p.total_failures for p in playback),
+        )
+
+    steps = []
+    previous_end: float | None = None
+    for users, times in segments:
+        before, after = totals(previous_end), totals(times[-1])
+        window_p95 = [
+            max(values)
+            for t in times
+            if (
+                values := [
+                    p.p95_ms
+                    for p in by_time[t]
+                    if p.p95_ms is not None and p.request_type not in ("", PLAYBACK_REQUEST_TYPE)
+                ]
+            )
+        ]
+        if users > 0:
+            steps.append(
+                LoadStep(
+                    users=users,
+                    start_s=previous_end if previous_end is not None else times[0],
+                    end_s=times[-1],
+                    requests=after[0] - before[0],
+                    failures=after[1] - before[1],
+                    p95_ms=statistics.median(window_p95) if window_p95 else None,
+                    handoffs=after[2] - before[2],
+                    fell_behind=after[3] - before[3],
+                )
+            )
+        previous_end = times[-1]
+    return steps
+
+
 # --- /metrics ---
 
 
@@ -320,6 +409,7 @@ def summarize(
     prefix = str(csv_prefix)
     stats = read_stats(Path(prefix + "_stats.csv"))
     playback = [s for s in stats if s.request_type == PLAYBACK_REQUEST_TYPE]
+    history_path = Path(prefix + "_stats_history.csv")
     histograms = (
         histogram_deltas(metrics_before, metrics_after)
         if metrics_before is not None and metrics_after is not None
@@ -331,6 +421,7 @@ def summarize(
         failures=read_failures(Path(prefix + "_failures.csv")),
         histograms=histograms,
         context=dict(context or {}),
+        steps=load_steps(read_history(history_path)) if history_path.is_file() else [],
     )
 
 
@@ -434,6 +525,28 @@ def render_markdown(summary: LoadTestSummary, violations: Sequence[str] | None =
             f"p50 {_ms(summary.playback.median_ms)} ms, p95 {_ms(summary.playback.p95_ms)} ms, "
             f"max {_ms(summary.playback.max_ms)} ms."
         )
+    if len(summary.steps) > 1:
+        lines += ["", "## Load steps (user count over time)", ""]
+        lines += _table(
+            ["users", "from s", "to s", "requests", "failures", "RPS", "p95 ms", "fell behind"],
+            (
+                [
+                    str(step.users),
+                    f"{step.start_s:.0f}",
+                    f"{step.end_s:.0f}",
+                    str(step.requests),
+                    str(step.failures),
+                    f"{step.rps:.2f}",
+                    _ms(step.p95_ms),
+                    "-" if step.fell_behind_rate is None else f"{step.fell_behind_rate:.0%}",
+                ]
+                for step in summary.steps
+            ),
+        )
+        lines += [
+            "",
+            "p95 here is the median over the step of the slowest endpoint's 10 s window.",
+        ]
     lines += ["", "## Failures", ""]
     request_failures = [f for f in summary.failures if f.request_type != PLAYBACK_REQUEST_TYPE]
     if not request_failures:

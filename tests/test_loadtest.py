@@ -24,8 +24,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from load_tests.report import (
+    HistoryPoint,
     Thresholds,
     histogram_deltas,
+    load_steps,
     plot_history,
     read_history,
     render_markdown,
@@ -304,6 +306,29 @@ def test_report_command_rebuilds_and_gates_a_folder(synthetic_run: Path) -> None
     assert json.loads((folder / "summary.json").read_text())["violations"]
     missing = CliRunner().invoke(report_main, [str(folder), "--csv-prefix", "nothing"])
     assert missing.exit_code == 1 and "nothing_stats.csv is missing" in missing.output
+
+
+def test_load_steps_split_a_ramp_with_exact_counts() -> None:
+    def point(
+        t: float, users: int, kind: str, name: str, total: int, fails: int, p95: float | None
+    ):
+        return HistoryPoint(t, users, kind, name, 0.0, 0.0, None, p95, None, total, fails)
+
+    history = [point(0, 0, "", "Aggregated", 0, 0, None)]
+    for t, users, requests, failures, p95 in [
+        (2, 2, 4, 0, 800.0), (4, 2, 10, 0, 900.0), (6, 4, 14, 1, 2000.0), (8, 4, 20, 3, 3000.0)
+    ]:  # fmt: skip
+        history += [
+            point(t, users, "", "Aggregated", requests + 1, failures, p95),
+            point(t, users, "POST", "/run_inference/", requests, failures, p95),
+            point(t, users, "PLAYBACK", "fell_behind", t, t // 4, 10.0),
+        ]
+    first, second = load_steps(history)
+    assert (first.users, first.start_s, first.end_s) == (2, 0, 4)
+    assert (first.requests, first.failures, first.rps, first.p95_ms) == (10, 0, 2.5, 850.0)
+    assert (second.users, second.requests, second.failures) == (4, 10, 3)
+    assert second.rps == pytest.approx(2.5) and second.p95_ms == 2500.0
+    assert (second.handoffs, second.fell_behind) == (4, 1)
 
 
 def test_histogram_deltas_ignore_other_metrics() -> None:
