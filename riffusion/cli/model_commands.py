@@ -1,5 +1,437 @@
-"""Subcommands that run the diffusion model."""
+"""Subcommands that run the diffusion model: text-to-audio, riff and interpolate."""
 
 from __future__ import annotations
 
-from riffusion.cli import cli  # noqa: F401
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from riffusion.audio import Audio, AudioError, read_audio, write_audio
+from riffusion.cli import cli
+from riffusion.models import DEFAULT_MODEL_ID, ModelLoadError
+from riffusion.pipeline import GeneratedClip, InvalidJobError, RiffusionPipeline
+from riffusion.riff import (
+    CLIP_DURATION_S,
+    OVERLAP_S,
+    RIFF_DENOISING,
+    interpolation_jobs,
+    riff_clip_num_frames,
+    riff_jobs,
+    stitch_clips,
+)
+from riffusion.schemas import GenerationJob, PromptInput, SchedulerName, width_for_duration
+from riffusion.seed_images import SeedImageError, SeedImageLibrary
+from riffusion.spectrogram import SpectrogramError, SpectrogramParams
+
+F = TypeVar("F", bound=Callable[..., Any])
+UNET_BACKENDS = ("eager", "traced", "compiled")
+# Errors that come from the user's input or setup: reported as one line, exit code 1.
+USER_ERRORS = (
+    AudioError,
+    InvalidJobError,
+    ModelLoadError,
+    SeedImageError,
+    SpectrogramError,
+    ValueError,
+)
+
+stderr = Console(stderr=True)
+
+
+def model_options(command: F) -> F:
+    """Options shared by every generation command."""
+    decorators = [
+        click.option(
+            "--model",
+            default=DEFAULT_MODEL_ID,
+            show_default=True,
+            help="Hub id, local diffusers directory, or 'tiny' (random weights, for offline runs).",
+        ),
+        click.option("--device", default=None, help="torch device; default CUDA when available."),
+        click.option(
+            "--unet-backend",
+            type=click.Choice(UNET_BACKENDS),
+            default="eager",
+            show_default=True,
+            help="How the UNet runs: eager, TorchScript-traced, or torch.compile.",
+        ),
+        click.option(
+            "--scheduler",
+            type=click.Choice([name.value for name in SchedulerName]),
+            default=None,
+            help="Diffusion scheduler; default the checkpoint's own.",
+        ),
+        click.option(
+            "--steps",
+            type=click.IntRange(1, 150),
+            default=50,
+            show_default=True,
+            help="Denoising steps.",
+        ),
+        click.option(
+            "--griffin-lim-iters",
+            type=click.IntRange(1, 1000),
+            default=SpectrogramParams().num_griffin_lim_iters,
+            show_default=True,
+            help="Griffin-Lim phase reconstruction iterations (fewer is faster, rougher).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+def reports_errors(command: F) -> F:
+    """Turn input and setup errors into a one-line message and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise click.ClickException(message) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_pipeline(
+    model: str, device: str | None, unet_backend: str, griffin_lim_iters: int
+) -> RiffusionPipeline:
+    with stderr.status(f"loading model {model} ..."):
+        pipeline = RiffusionPipeline.load(
+            model,
+            device=device,
+            unet_backend=unet_backend,  # type: ignore[arg-type]
+            spectrogram_params=SpectrogramParams(num_griffin_lim_iters=griffin_lim_iters),
+        )
+    described = pipeline.describe()
+    tiny = " [bold yellow](TINY test model: output is noise)[/]" if described["is_tiny"] else ""
+    stderr.print(
+        f"model {described['model_id']} on {described['device']}/{described['dtype']}, "
+        f"UNet {described['unet_backend']}{tiny}"
+    )
+    return pipeline
+
+
+def check_image_ids(seed_image_id: str | None, mask_image_id: str | None) -> None:
+    """Fail on unknown seed/mask ids before spending time loading the model."""
+    library = SeedImageLibrary()
+    if seed_image_id is not None:
+        library.info(seed_image_id, kind="seed")
+    if mask_image_id is not None:
+        library.info(mask_image_id, kind="mask")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+    )
+
+
+@contextmanager
+def step_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar fed by the pipeline's (done, total) step callback."""
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def run_in_batches(
+    pipeline: RiffusionPipeline, jobs: Sequence[GenerationJob], batch_size: int, what: str
+) -> list[GeneratedClip]:
+    """Run ``jobs`` through the pipeline ``batch_size`` at a time with a progress bar."""
+    clips: list[GeneratedClip] = []
+    with progress_bar() as progress:
+        clip_task = progress.add_task(what, total=len(jobs))
+        step_task = progress.add_task("denoising steps", total=None)
+        for first in range(0, len(jobs), batch_size):
+            batch = jobs[first : first + batch_size]
+            progress.reset(step_task, total=None)
+
+            def update(done: int, total: int) -> None:
+                progress.update(step_task, completed=done, total=total)
+
+            clips.extend(pipeline.run(batch, progress=update))
+            progress.advance(clip_task, len(batch))
+    return clips
+
+
+def prompt_input(
+    prompt: str, seed: int, negative_prompt: str | None, guidance: float, denoising: float | None
+) -> PromptInput:
+    fields: dict[str, Any] = {
+        "prompt": prompt,
+        "seed": seed,
+        "negative_prompt": negative_prompt,
+        "guidance": guidance,
+    }
+    if denoising is not None:
+        fields["denoising"] = denoising
+    return PromptInput(**fields)
+
+
+def save_image(clip: GeneratedClip, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clip.image.save(path, exif=clip.image.getexif())
+
+
+def write_output(audio: Audio, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_audio(audio, output)
+    stderr.print(f"wrote {output} ({audio.duration_s:.2f} s)")
+
+
+guidance_option = click.option(
+    "--guidance",
+    type=click.FloatRange(0, 30),
+    default=7.0,
+    show_default=True,
+    help="Classifier-free guidance scale.",
+)
+negative_option = click.option("--negative-prompt", default=None, help="What to steer away from.")
+output_option = click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Audio file to write (format from the suffix: wav, flac, ogg, mp3).",
+)
+
+
+@cli.command("text-to-audio")
+@click.argument("prompt")
+@output_option
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@negative_option
+@guidance_option
+@click.option(
+    "--duration",
+    type=click.FloatRange(0.64, 20.48),
+    default=5.12,
+    show_default=True,
+    help="Clip length in seconds (rounded to 80 ms).",
+)
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the spectrogram image (PNG with EXIF).",
+)
+@model_options
+@reports_errors
+def text_to_audio(
+    prompt: str,
+    output: Path,
+    seed: int,
+    negative_prompt: str | None,
+    guidance: float,
+    duration: float,
+    image_path: Path | None,
+    model: str,
+    device: str | None,
+    unet_backend: str,
+    scheduler: str | None,
+    steps: int,
+    griffin_lim_iters: int,
+) -> None:
+    """Generate a clip from a text PROMPT (no seed image)."""
+    job = GenerationJob(
+        start=prompt_input(prompt, seed, negative_prompt, guidance, None),
+        num_inference_steps=steps,
+        width=width_for_duration(duration),
+        scheduler=SchedulerName(scheduler) if scheduler else None,
+    )
+    pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
+    with step_progress("denoising") as update:
+        (clip,) = pipeline.run([job], progress=update)
+    write_output(clip.audio, output)
+    if image_path is not None:
+        save_image(clip, image_path)
+        stderr.print(f"wrote {image_path}")
+
+
+@cli.command("riff")
+@click.argument(
+    "input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@output_option
+@click.option("--prompt", required=True, help="What the riffed track should sound like.")
+@click.option("--end-prompt", default=None, help="Walk from --prompt to this along the track.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option(
+    "--end-seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=None,
+    help="Seed of the end prompt (default: --seed).",
+)
+@negative_option
+@guidance_option
+@click.option(
+    "--denoising",
+    type=click.FloatRange(0, 1),
+    default=RIFF_DENOISING,
+    show_default=True,
+    help="How far to move from the source (0.4-0.55 keeps it recognisable).",
+)
+@click.option(
+    "--clip-duration",
+    type=click.FloatRange(0.64, 20.48),
+    default=CLIP_DURATION_S,
+    show_default=True,
+    help="Seconds per clip.",
+)
+@click.option(
+    "--overlap",
+    type=click.FloatRange(0, 5),
+    default=OVERLAP_S,
+    show_default=True,
+    help="Crossfade between clips, seconds.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Clips per pipeline call.",
+)
+@click.option("--mask-image-id", default=None, help="Mask from the seed-image library.")
+@model_options
+@reports_errors
+def riff(
+    input_path: Path,
+    output: Path,
+    prompt: str,
+    end_prompt: str | None,
+    seed: int,
+    end_seed: int | None,
+    negative_prompt: str | None,
+    guidance: float,
+    denoising: float,
+    clip_duration: float,
+    overlap: float,
+    batch_size: int,
+    mask_image_id: str | None,
+    model: str,
+    device: str | None,
+    unet_backend: str,
+    scheduler: str | None,
+    steps: int,
+    griffin_lim_iters: int,
+) -> None:
+    """Riff on an audio file of any length: overlapping clips re-imagined, then crossfaded."""
+    audio = read_audio(input_path)
+    start = prompt_input(prompt, seed, negative_prompt, guidance, denoising)
+    end = (
+        prompt_input(
+            end_prompt, seed if end_seed is None else end_seed, negative_prompt, guidance, denoising
+        )
+        if end_prompt is not None
+        else None
+    )
+    jobs = riff_jobs(
+        audio,
+        start,
+        end,
+        num_inference_steps=steps,
+        clip_duration_s=clip_duration,
+        overlap_s=overlap,
+        mask_image_id=mask_image_id,
+    )
+    if scheduler:
+        jobs = [job.model_copy(update={"scheduler": SchedulerName(scheduler)}) for job in jobs]
+    stderr.print(f"{input_path}: {audio.duration_s:.2f} s -> {len(jobs)} clips")
+    check_image_ids(None, mask_image_id)
+    pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
+    clips = run_in_batches(pipeline, jobs, batch_size, "clips")
+    lengths = riff_clip_num_frames(audio, clip_duration, overlap)
+    write_output(stitch_clips([clip.audio for clip in clips], overlap, lengths), output)
+
+
+@cli.command("interpolate")
+@output_option
+@click.option("--start-prompt", required=True)
+@click.option("--end-prompt", required=True)
+@click.option("--start-seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--end-seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True)
+@negative_option
+@guidance_option
+@click.option("--denoising", type=click.FloatRange(0, 1), default=0.75, show_default=True)
+@click.option("--num-clips", type=click.IntRange(2, 64), default=5, show_default=True)
+@click.option("--seed-image-id", default="og_beat", show_default=True)
+@click.option("--mask-image-id", default=None)
+@click.option(
+    "--overlap",
+    type=click.FloatRange(0, 5),
+    default=OVERLAP_S,
+    show_default=True,
+    help="Crossfade between clips, seconds.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--images-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write each clip's spectrogram image here (clip_000.png, ...).",
+)
+@model_options
+@reports_errors
+def interpolate(
+    output: Path,
+    start_prompt: str,
+    end_prompt: str,
+    start_seed: int,
+    end_seed: int,
+    negative_prompt: str | None,
+    guidance: float,
+    denoising: float,
+    num_clips: int,
+    seed_image_id: str,
+    mask_image_id: str | None,
+    overlap: float,
+    batch_size: int,
+    images_dir: Path | None,
+    model: str,
+    device: str | None,
+    unet_backend: str,
+    scheduler: str | None,
+    steps: int,
+    griffin_lim_iters: int,
+) -> None:
+    """Walk from a start to an end prompt in NUM_CLIPS clips on one seed image, stitched."""
+    start = prompt_input(start_prompt, start_seed, negative_prompt, guidance, denoising)
+    end = prompt_input(end_prompt, end_seed, negative_prompt, guidance, denoising)
+    jobs = interpolation_jobs(start, end, num_clips, seed_image_id, mask_image_id, steps)
+    if scheduler:
+        jobs = [job.model_copy(update={"scheduler": SchedulerName(scheduler)}) for job in jobs]
+    check_image_ids(seed_image_id, mask_image_id)
+    pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
+    clips = run_in_batches(pipeline, jobs, batch_size, "clips")
+    write_output(stitch_clips([clip.audio for clip in clips], overlap), output)
+    if images_dir is not None:
+        for index, clip in enumerate(clips):
+            save_image(clip, images_dir / f"clip_{index:03d}.png")
+        stderr.print(f"wrote {len(clips)} images to {images_dir}")
