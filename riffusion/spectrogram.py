@@ -329,7 +329,8 @@ class SpectrogramConverter:
             # angles = rebuilt - momentum * previous, normalised to unit modulus and
             # scaled by the target magnitude, all on the (..., 2) real view.
             update = rebuilt.sub(previous, alpha=momentum)
-            scale = magnitudes / update.square().sum(-1).sqrt_().add_(1e-16)
+            scale = torch.view_as_complex(update).abs().add_(1e-16)
+            torch.div(magnitudes, scale, out=scale)
             spectrum = torch.view_as_complex(update.mul_(scale.unsqueeze(-1)))
             previous = rebuilt
         waveform = self._inverse_stft(spectrum, envelope)
@@ -405,8 +406,13 @@ class SpectrogramConverter:
                 f"mel amplitudes must be (..., {self.n_mels}, frames), "
                 f"got shape {tuple(amplitudes.shape)}"
             )
-        if amplitudes.shape[-1] < 2:
-            raise SpectrogramError(f"need at least 2 frames, got {amplitudes.shape[-1]}")
+        # The reconstructed waveform must be longer than half an FFT for reflect padding.
+        min_frames = self.params.n_fft // (2 * self.params.hop_length) + 2
+        if amplitudes.shape[-1] < min_frames:
+            raise SpectrogramError(
+                f"need at least {min_frames} frames (pixels) to reconstruct audio, "
+                f"got {amplitudes.shape[-1]}"
+            )
 
 
 @functools.lru_cache(maxsize=8)
