@@ -32,11 +32,14 @@ from riffusion.spectrogram import (
 
 SR = 44100
 HOP = 441
-# Spectral convergence (mel magnitude of the reconstruction against the decoded
-# image) measured for these 1 s signals with 32 iterations: tone ~0.02,
-# chord ~0.05, clicks ~0.12, stereo ~0.06. The bound leaves margin for other
-# random phases; a broken inverse mel or Griffin-Lim scores 0.5-1.0.
-MAX_ROUND_TRIP_SC = 0.2
+# Round-trip bounds on spectral convergence (mel magnitude of the reconstruction
+# against the image's decoded mel amplitudes). Measured with 32 iterations over
+# seeds 0-2: tone 0.05-0.09, chord 0.06-0.08, stereo 0.065-0.08, clicks
+# 0.14-0.16 (transients are hardest for Griffin-Lim). Bounds leave ~40 % margin
+# for other phases; only 4 iterations already scores 0.24-0.29 and a single
+# one 0.37-0.40, so a weakened reconstruction fails.
+TONAL_MAX_SC = 0.13
+CLICKS_MAX_SC = 0.22
 
 
 def tone(freq: float, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
@@ -355,15 +358,17 @@ def test_batched_clips_each_match_their_own_reconstruction() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "samples"),
+    ("name", "samples", "max_convergence"),
     [
-        ("tone", tone(440.0)[None]),
-        ("chord", chord()[None]),
-        ("clicks", clicks()[None]),
-        ("stereo", np.stack([chord(), clicks()])),
+        ("tone", tone(440.0)[None], TONAL_MAX_SC),
+        ("chord", chord()[None], TONAL_MAX_SC),
+        ("clicks", clicks()[None], CLICKS_MAX_SC),
+        ("stereo", np.stack([chord(), clicks()]), TONAL_MAX_SC),
     ],
 )
-def test_round_trip_audio_image_audio(name: str, samples: np.ndarray) -> None:
+def test_round_trip_audio_image_audio(
+    name: str, samples: np.ndarray, max_convergence: float
+) -> None:
     source = Audio(samples, SR)
     image = reopen(image_from_audio(source))
     result = audio_from_image(image, generator=torch.Generator().manual_seed(0))
@@ -379,13 +384,19 @@ def test_round_trip_audio_image_audio(name: str, samples: np.ndarray) -> None:
         torch.from_numpy(result.samples) * INT16_FULL_SCALE
     )
     convergence = spectral_convergence(target, rebuilt)
-    assert convergence < MAX_ROUND_TRIP_SC, f"{name}: spectral convergence {convergence:.3f}"
+    assert convergence < max_convergence, f"{name}: spectral convergence {convergence:.3f}"
 
 
 def test_same_seed_reproduces_the_waveform() -> None:
     image = image_from_audio(Audio(chord(0.3)[None], SR))
     first = audio_from_image(image, generator=torch.Generator().manual_seed(5))
     second = audio_from_image(image, generator=torch.Generator().manual_seed(5))
-    other = audio_from_image(image, generator=torch.Generator().manual_seed(6))
     np.testing.assert_array_equal(first.samples, second.samples)
-    assert not np.array_equal(first.samples, other.samples)
+
+    converter = get_converter(SpectrogramParams(num_griffin_lim_iters=2))
+    mel, _ = mel_amplitudes_from_image(image)
+    other = converter.waveform_from_mel_amplitudes(mel, torch.Generator().manual_seed(6))
+    again = converter.waveform_from_mel_amplitudes(mel, torch.Generator().manual_seed(6))
+    moved = converter.waveform_from_mel_amplitudes(mel, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(other, again, rtol=0, atol=0)
+    assert not torch.equal(other, moved)
