@@ -20,13 +20,14 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import anyio
 import bentoml
 from bentoml.exceptions import BentoMLException
 from bentoml.validators import ContentType
 from PIL import Image
+from prometheus_client import Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -64,23 +65,25 @@ PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 # --------------------------------------------------------------------- metrics
-# Names are a contract (dashboards, autoscaler, load tests parse them).
-BATCH_SIZE = bentoml.metrics.Histogram(
+# Names are a contract (dashboards, autoscaler, load tests parse them). BentoML
+# points prometheus_client at its multiprocess directory, so histograms observed
+# in the model service's process appear on the API service's /metrics.
+BATCH_SIZE = Histogram(
     name="riffusion_batch_size",
     documentation="Clips per model-service call after adaptive batching.",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
-QUEUE_WAIT = bentoml.metrics.Histogram(
+QUEUE_WAIT = Histogram(
     name="riffusion_queue_wait_seconds",
     documentation="Time from the API service sending a clip to its batch starting.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-DENOISE_STEP = bentoml.metrics.Histogram(
+DENOISE_STEP = Histogram(
     name="riffusion_denoise_step_seconds",
     documentation="Wall time of one denoising step (one UNet call for the whole batch).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-CLIP_LATENCY = bentoml.metrics.Histogram(
+CLIP_LATENCY = Histogram(
     name="riffusion_clip_latency_seconds",
     documentation="Time from the API service sending a clip to receiving it back.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10, 15, 20, 30, 60, 120),
@@ -163,6 +166,12 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _failed(ctx: bentoml.Context, response: JSONResponse) -> Any:
+    """Return an error from an API that takes ``ctx``: BentoML applies ctx's status code."""
+    ctx.response.status_code = response.status_code
+    return response
+
+
 class ApiKeyMiddleware:
     """Bearer-token check on every route but health checks and metrics (when a key is set)."""
 
@@ -218,7 +227,7 @@ class ModelOverloaded(Exception):
 async def _get_seed_images(request: Request) -> Response:
     kind = request.query_params.get("kind")
     if kind not in (None, "seed", "mask"):
-        return error_response(400, "kind", f"must be 'seed' or 'mask', got {kind!r}")  # type: ignore[no-any-return]
+        return error_response(400, "kind", f"must be 'seed' or 'mask', got {kind!r}")
     service = bentoml.get_current_service()
     listing = service.seed_image_list(kind)
     return JSONResponse(listing.model_dump())
@@ -351,10 +360,10 @@ class Riffusion:
             self._check_image_id(request.mask_image_id, "mask", "mask_image_id"),
         ):
             if error is not None:
-                return error  # type: ignore[no-any-return]
+                return _failed(ctx, error)
         results, error = await self._generate_or_error([request.to_job()])
         if error is not None:
-            return error  # type: ignore[no-any-return]
+            return _failed(ctx, error)
         [result] = results
         response = await anyio.to_thread.run_sync(_web_app_payload, result)
         ctx.response.metadata.update(self._timing_headers(results))
@@ -377,9 +386,9 @@ class Riffusion:
         )
         results, error = await self._generate_or_error([job])
         if error is not None:
-            return error  # type: ignore[no-any-return]
+            return error
         audio = results[0].audio()
-        return await anyio.to_thread.run_sync(  # type: ignore[no-any-return]
+        return await anyio.to_thread.run_sync(
             self._audio_response,
             audio,
             request.format,
@@ -396,13 +405,13 @@ class Riffusion:
         size = request.audio.stat().st_size
         if size > SETTINGS.max_upload_bytes:
             limit_mb = SETTINGS.max_upload_bytes / 2**20
-            return error_response(413, "audio", f"file over the {limit_mb:.1f} MiB limit")  # type: ignore[no-any-return]
+            return error_response(413, "audio", f"file over the {limit_mb:.1f} MiB limit")
         try:
             source = await anyio.to_thread.run_sync(_read_upload, request.audio)
         except AudioError as exc:
             # read_audio refuses an over-long file from its header, before decoding it.
             status = 413 if "too long" in str(exc) else 400
-            return error_response(status, "audio", str(exc))  # type: ignore[no-any-return]
+            return error_response(status, "audio", str(exc))
         try:
             jobs = await anyio.to_thread.run_sync(
                 lambda: riff_jobs(
@@ -414,14 +423,14 @@ class Riffusion:
             )
             clip_num_frames = riff_clip_num_frames(source)
         except AudioError as exc:
-            return error_response(400, "audio", str(exc))  # type: ignore[no-any-return]
+            return error_response(400, "audio", str(exc))
         results, error = await self._generate_or_error(jobs)
         if error is not None:
-            return error  # type: ignore[no-any-return]
+            return error
         # Each result is fitted to its source clip so the riff lines up with the upload.
         audio = stitch_clips([r.audio() for r in results], OVERLAP_S, clip_num_frames)
         headers = {**self._timing_headers(results), "X-Riffusion-Clips": str(len(results))}
-        return await anyio.to_thread.run_sync(  # type: ignore[no-any-return]
+        return await anyio.to_thread.run_sync(
             self._audio_response, audio, request.format, "audio_to_audio", headers
         )
 
@@ -436,7 +445,7 @@ class Riffusion:
             self._check_image_id(request.mask_image_id, "mask", "mask_image_id"),
         ):
             if error is not None:
-                return error  # type: ignore[no-any-return]
+                return _failed(ctx, error)
         jobs = interpolation_jobs(
             request.start,
             request.end,
@@ -447,7 +456,7 @@ class Riffusion:
         )
         results, error = await self._generate_or_error(jobs)
         if error is not None:
-            return error  # type: ignore[no-any-return]
+            return _failed(ctx, error)
         audio = stitch_clips([r.audio() for r in results], OVERLAP_S)
         payload = await anyio.to_thread.run_sync(encode_audio, audio, request.format)
         ctx.response.metadata.update(self._timing_headers(results))
@@ -484,8 +493,10 @@ def _web_app_payload(result: ModelResult) -> RunInferenceResponse:
     )
 
 
+# The decorators return a bentoml.Service; type checkers see the plain class.
+_api_service = cast("bentoml.Service[Riffusion]", Riffusion)
 if SETTINGS.api_key:
-    Riffusion.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)
-Riffusion.add_asgi_middleware(
+    _api_service.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)
+_api_service.add_asgi_middleware(
     BodySizeLimitMiddleware, max_bytes=SETTINGS.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
 )

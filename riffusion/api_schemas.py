@@ -11,7 +11,7 @@ import base64
 import io
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,7 +42,7 @@ MIN_DURATION_S = MIN_WIDTH / 100
 MAX_DURATION_S = MAX_WIDTH / 100
 MAX_INTERPOLATION_CLIPS = 16
 
-_WEB_APP_EXAMPLE = {
+_WEB_APP_EXAMPLE: Any = {
     "alpha": 0.75,
     "num_inference_steps": 50,
     "seed_image_id": "og_beat",
@@ -298,7 +298,7 @@ def png_bytes(image: object) -> bytes:
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     try:
-        return default if raw in (None, "") else int(raw)  # type: ignore[arg-type]
+        return default if raw in (None, "") else int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
@@ -306,7 +306,7 @@ def _env_int(name: str, default: int) -> int:
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     try:
-        return default if raw in (None, "") else float(raw)  # type: ignore[arg-type]
+        return default if raw in (None, "") else float(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
@@ -331,7 +331,7 @@ class ServiceSettings(BaseModel):
         env = os.environ
         return cls(
             model=env.get("RIFFUSION_MODEL") or "riffusion/riffusion-model-v1",
-            unet_backend=env.get("RIFFUSION_UNET_BACKEND") or "eager",  # type: ignore[arg-type]
+            unet_backend=cast(Any, env.get("RIFFUSION_UNET_BACKEND") or "eager"),
             device=env.get("RIFFUSION_DEVICE") or None,
             max_batch_size=_env_int("RIFFUSION_MAX_BATCH_SIZE", 8),
             max_latency_ms=_env_int("RIFFUSION_MAX_LATENCY_MS", 60_000),

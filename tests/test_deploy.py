@@ -37,7 +37,7 @@ def _service_names() -> set[str]:
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "service":
             for keyword in node.keywords:
                 if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
-                    names.add(keyword.value.value)
+                    names.add(str(keyword.value.value))
     return names
 
 

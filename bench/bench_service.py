@@ -1,0 +1,259 @@
+"""Service benchmark: throughput and latency with adaptive batching on vs off.
+
+Starts `bentoml serve service:Riffusion` (tiny model unless told otherwise) on
+127.0.0.1 twice — RIFFUSION_MAX_BATCH_SIZE=<n> (batching on) and =1 (off) —
+and at each concurrency level sends a fixed number of text-to-audio requests
+from that many concurrent clients. Reports requests/s, p50/p99 latency, and the
+server overhead per request: end-to-end latency minus the pipeline time the
+service reports (X-Riffusion-Pipeline-Seconds), with and without queueing.
+
+    uv run --frozen --all-extras python -m bench.bench_service --output bench/results.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTOML = Path(sys.executable).parent / "bentoml"
+console = Console()
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    requests_per_s: float
+    p50_s: float
+    p99_s: float
+    mean_pipeline_s: float
+    mean_queue_s: float
+    overhead_s: float  # end-to-end minus pipeline time (includes queueing)
+    overhead_ex_queue_s: float  # ... minus queueing too: HTTP, validation, encoding
+    mean_batch_size: float
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(model: str, max_batch_size: int, timeout_s: float = 300) -> Iterator[str]:
+    """A `bentoml serve` subprocess; yields its base URL once /readyz answers."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as home:
+        env = {
+            **os.environ,
+            "RIFFUSION_MODEL": model,
+            "RIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
+            "RIFFUSION_MAX_LATENCY_MS": "600000",
+            "RIFFUSION_MAX_CONCURRENCY": "256",
+            "BENTOML_HOME": home,
+            "BENTOML_DO_NOT_TRACK": "1",
+        }
+        env.pop("RIFFUSION_API_KEY", None)
+        log = Path(home) / "serve.log"
+        with log.open("wb") as log_file:
+            process = subprocess.Popen(
+                [
+                    str(BENTOML),
+                    "serve",
+                    "service:Riffusion",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not ready after {timeout_s} s")
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+async def _run_level(
+    url: str, concurrency: int, num_requests: int, body: dict[str, object]
+) -> tuple[float, list[tuple[float, float, float, int]]]:
+    """(wall seconds, [(latency, pipeline, queue, batch size)]) for one concurrency level."""
+    samples: list[tuple[float, float, float, int]] = []
+    counter = iter(range(num_requests))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for index in counter:
+            began = time.perf_counter()
+            response = await client.post("/text_to_audio", json={**body, "seed": index})
+            latency = time.perf_counter() - began
+            response.raise_for_status()
+            samples.append(
+                (
+                    latency,
+                    float(response.headers["X-Riffusion-Pipeline-Seconds"]),
+                    float(response.headers["X-Riffusion-Queue-Seconds"]),
+                    int(response.headers["X-Riffusion-Batch-Size"]),
+                )
+            )
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return time.perf_counter() - began, samples
+
+
+def _summarise(
+    mode: str, concurrency: int, wall_s: float, samples: list[tuple[float, float, float, int]]
+) -> LevelResult:
+    latencies = np.array([s[0] for s in samples])
+    pipeline = np.array([s[1] for s in samples])
+    queue = np.array([s[2] for s in samples])
+    return LevelResult(
+        mode=mode,
+        concurrency=concurrency,
+        requests=len(samples),
+        requests_per_s=len(samples) / wall_s,
+        p50_s=float(np.percentile(latencies, 50)),
+        p99_s=float(np.percentile(latencies, 99)),
+        mean_pipeline_s=float(pipeline.mean()),
+        mean_queue_s=float(queue.mean()),
+        overhead_s=float((latencies - pipeline).mean()),
+        overhead_ex_queue_s=float((latencies - pipeline - queue).mean()),
+        mean_batch_size=statistics.fmean(s[3] for s in samples),
+    )
+
+
+def _table(results: list[LevelResult]) -> Table:
+    table = Table(title="Riffusion service: batching on vs off")
+    for column in (
+        "mode",
+        "conc.",
+        "req",
+        "req/s",
+        "p50 s",
+        "p99 s",
+        "pipeline s",
+        "queue s",
+        "overhead s",
+        "overhead ex-queue ms",
+        "batch",
+    ):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            r.mode,
+            str(r.concurrency),
+            str(r.requests),
+            f"{r.requests_per_s:.2f}",
+            f"{r.p50_s:.2f}",
+            f"{r.p99_s:.2f}",
+            f"{r.mean_pipeline_s:.2f}",
+            f"{r.mean_queue_s:.2f}",
+            f"{r.overhead_s:.2f}",
+            f"{r.overhead_ex_queue_s * 1000:.0f}",
+            f"{r.mean_batch_size:.1f}",
+        )
+    return table
+
+
+@click.command()
+@click.option("--model", default="tiny", show_default=True, help="RIFFUSION_MODEL to serve.")
+@click.option("--concurrency", "levels", multiple=True, type=int, default=(1, 4, 16))
+@click.option(
+    "--requests-per-level",
+    type=int,
+    default=0,
+    help="Requests at each level (default: max(8, 2 x concurrency)).",
+)
+@click.option("--max-batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 150), default=4, show_default=True)
+@click.option("--duration-s", type=float, default=0.64, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(
+    model: str,
+    levels: tuple[int, ...],
+    requests_per_level: int,
+    max_batch_size: int,
+    steps: int,
+    duration_s: float,
+    output: Path | None,
+) -> None:
+    """Requests/s and p50/p99 latency at each concurrency, batching on vs off."""
+    body: dict[str, object] = {
+        "prompt": "lofi hip hop beat",
+        "num_inference_steps": steps,
+        "duration_s": duration_s,
+        "format": "wav",
+    }
+    results: list[LevelResult] = []
+    for mode, batch_size in (("batching on", max_batch_size), ("batching off", 1)):
+        console.print(f"[bold]{mode}[/] (RIFFUSION_MAX_BATCH_SIZE={batch_size})")
+        with serve(model, batch_size) as url:
+            asyncio.run(_run_level(url, 1, 2, body))  # warm-up: first-call costs
+            for concurrency in levels:
+                num_requests = requests_per_level or max(8, 2 * concurrency)
+                wall_s, samples = asyncio.run(_run_level(url, concurrency, num_requests, body))
+                results.append(_summarise(mode, concurrency, wall_s, samples))
+                console.print(
+                    f"  concurrency {concurrency}: {results[-1].requests_per_s:.2f} req/s"
+                )
+    console.print(_table(results))
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "model": model,
+        "steps": steps,
+        "duration_s": duration_s,
+        "max_batch_size": max_batch_size,
+        "results": [asdict(r) for r in results],
+    }
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
