@@ -112,7 +112,7 @@ def _resolve_device_dtype(
     return resolved_device, dtype if dtype is not None else default_dtype(resolved_device)
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """Read HF_HUB_OFFLINE at call time (the libraries read it once at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -347,7 +347,7 @@ def _load_pretrained(
 ) -> RiffusionComponents:
     """The one code path for real checkpoints: ``from_pretrained`` on each subfolder."""
     resolved_device, resolved_dtype = _resolve_device_dtype(device, dtype)
-    offline = _hub_offline()
+    offline = hub_offline()
     common: dict[str, Any] = {"local_files_only": offline}
     # Skip random init before loading weights when accelerate is installed (faster for
     # the full model); without it diffusers falls back anyway, so ask for that quietly.

@@ -13,6 +13,6 @@ def cli() -> None:
 
 def main() -> None:
     # Command modules attach themselves to ``cli`` on import.
-    from riffusion.cli import audio_commands, model_commands  # noqa: F401
+    from riffusion.cli import audio_commands, model_commands, trace_commands  # noqa: F401
 
     cli()
