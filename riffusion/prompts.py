@@ -18,6 +18,7 @@ error: nothing is ever truncated silently.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
@@ -113,6 +114,8 @@ class PromptEncoder:
     ) -> None:
         if max_windows < 1:
             raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must not be negative, got {cache_size}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_windows = max_windows
@@ -123,6 +126,8 @@ class PromptEncoder:
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
+        # windows_needed() runs for every prompt of every batch: tokenise each once.
+        self._tokenize_cached = functools.lru_cache(maxsize=cache_size)(self._tokenize)
 
     @property
     def max_tokens(self) -> int:
@@ -130,6 +135,10 @@ class PromptEncoder:
 
     def tokenize(self, prompt: str) -> tuple[list[int], list[float]]:
         """Token ids (no special tokens) and one weight per token."""
+        token_ids, weights = self._tokenize_cached(prompt)
+        return list(token_ids), list(weights)
+
+    def _tokenize(self, prompt: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
         token_ids: list[int] = []
         weights: list[float] = []
         for fragment, weight in parse_prompt_weights(prompt):
@@ -137,7 +146,7 @@ class PromptEncoder:
             ids = self.tokenizer(fragment, add_special_tokens=False, verbose=False).input_ids
             token_ids += ids
             weights += [weight] * len(ids)
-        return token_ids, weights
+        return tuple(token_ids), tuple(weights)
 
     def windows_needed(self, prompt: str) -> int:
         """CLIP windows ``prompt`` needs; raises ValueError past ``max_windows``."""
