@@ -615,7 +615,8 @@ def plot_history(history: Sequence[HistoryPoint], output: Path) -> Path:
         throughput.plot(times, [p.rps for p in points], label=f"{name} RPS")
     latency.set_ylabel("latency (ms)")
     latency.set_title("Response time percentiles (current window)")
-    latency.legend(fontsize="small", ncol=3)
+    if endpoints:
+        latency.legend(fontsize="small", ncol=3)
     # Locust's Aggregated row also counts playback hand-overs: sum the endpoints instead.
     failures_at: dict[float, float] = {}
     for point in requests:
@@ -640,7 +641,8 @@ def plot_history(history: Sequence[HistoryPoint], output: Path) -> Path:
         users_axis.set_ylabel("users")
     throughput.set_ylabel("requests/s")
     throughput.set_title("Throughput")
-    throughput.legend(fontsize="small", loc="upper left")
+    if endpoints:
+        throughput.legend(fontsize="small", loc="upper left")
     if playback:
         rates = [
             p.total_failures / p.total_requests if p.total_requests else math.nan for p in playback
