@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -157,7 +158,9 @@ def test_missing_weights_name_the_component(saved_tiny_dir: Path, tmp_path: Path
 
 def test_unreachable_hub_id_while_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # An empty cache, whatever this machine has cached (the hub client reads the
+    # cache location once at import, so patch the resolved constant).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     with pytest.raises(ModelLoadError) as error:
         load_components(DEFAULT_MODEL_ID, device="cpu")
     message = str(error.value)
