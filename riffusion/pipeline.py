@@ -174,10 +174,12 @@ class RiffusionPipeline:
         }
 
     def cache_stats(self) -> dict[str, CacheStats]:
-        """Hit/miss counters of the text-embedding and seed-latent caches."""
+        """Snapshot of the hit/miss counters of the text-embedding and seed-latent caches."""
+        text = self.prompt_encoder.cache_info()
+        seeds = self.seed_latent_cache.stats
         return {
-            "text_embeddings": self.prompt_encoder.cache_stats,
-            "seed_latents": self.seed_latent_cache.stats,
+            "text_embeddings": CacheStats(hits=text.hits, misses=text.misses),
+            "seed_latents": CacheStats(hits=seeds.hits, misses=seeds.misses),
         }
 
     # --- 1. validation ---------------------------------------------------------------------------
@@ -277,13 +279,8 @@ class RiffusionPipeline:
         """
         start, end = job.start, job.end_or_start
         texts = [start.prompt, end.prompt, start.negative_prompt or "", end.negative_prompt or ""]
-        encoded = [self.prompt_encoder.encode(text) for text in texts]
-        length = max(embedding.shape[1] for embedding in encoded)
-        windows = length // self.prompt_encoder.window_length
-        encoded = [
-            e if e.shape[1] == length else self.prompt_encoder.encode(t, num_windows=windows)
-            for t, e in zip(texts, encoded, strict=True)
-        ]
+        windows = max(self.prompt_encoder.windows_needed(text) for text in texts)
+        encoded = [self.prompt_encoder.encode(text, num_windows=windows) for text in texts]
         start_cond, end_cond, start_uncond, end_uncond = (e.float() for e in encoded)
         cond = lerp(start_cond, end_cond, alpha)
         uncond = lerp(start_uncond, end_uncond, alpha)
