@@ -111,7 +111,7 @@ def serve(model: str, max_batch_size: int, timeout_s: float = 300) -> Iterator[s
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -206,7 +206,7 @@ def _table(results: list[LevelResult]) -> Table:
     "--requests-per-level",
     type=int,
     default=0,
-    help="Requests at each level (default: max(8, 2 x concurrency)).",
+    help="Requests at each level (default: max(4, concurrency)).",
 )
 @click.option("--max-batch-size", type=click.IntRange(min=2), default=16, show_default=True)
 @click.option("--steps", type=click.IntRange(1, 150), default=4, show_default=True)
@@ -234,7 +234,7 @@ def main(
         with serve(model, batch_size) as url:
             asyncio.run(_run_level(url, 1, 2, body))  # warm-up: first-call costs
             for concurrency in levels:
-                num_requests = requests_per_level or max(8, 2 * concurrency)
+                num_requests = requests_per_level or max(4, concurrency)
                 wall_s, samples = asyncio.run(_run_level(url, concurrency, num_requests, body))
                 results.append(_summarise(mode, concurrency, wall_s, samples))
                 console.print(

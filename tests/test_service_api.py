@@ -184,7 +184,8 @@ def test_run_inference_optional_fields_default(client: Any) -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "media_type"),
-    [("wav", "audio/wav"), ("flac", "audio/flac"), ("ogg", "audio/ogg"), ("mp3", "audio/mpeg")],
+    # flac: see test_text_to_audio_lossless_formats_agree and test_audio_to_audio_upload.
+    [("wav", "audio/wav"), ("ogg", "audio/ogg"), ("mp3", "audio/mpeg")],
 )
 def test_text_to_audio_formats(client: Any, fmt: str, media_type: str) -> None:
     response = text_to_audio(client, format=fmt, duration_s=0.8)
@@ -203,8 +204,6 @@ def test_text_to_audio_lossless_formats_agree(client: Any) -> None:
     flac, _ = decode_audio(text_to_audio(client, format="flac").content)
     # Both are 16-bit; the encoders may round a sample differently by one step.
     np.testing.assert_allclose(wav, flac, rtol=0, atol=1.5 / 32768)
-    other_seed, _ = decode_audio(text_to_audio(client, format="wav", seed=4).content)
-    assert not np.array_equal(wav, other_seed)
 
 
 # ---------------------------------------------------------- audio to audio
