@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -125,14 +126,14 @@ def test_own_trace_routes_other_latent_sizes_to_eager(
         assert torch.equal(actual, prepare_unet(tiny, "eager")(latents, timesteps, text))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def model_dir_with_checkpoint_trace(
-    tiny: RiffusionComponents, tmp_path: Path, saved_tiny_dir: Path
+    tiny: RiffusionComponents, tmp_path_factory: pytest.TempPathFactory, saved_tiny_dir: Path
 ) -> Path:
     """A saved tiny model with a ``unet_traced/unet_traced.pt`` traced the way the
     real checkpoint's was: batch 2, 64x64 latents, 77 tokens, a single (1,) timestep,
     and no signature file."""
-    model_dir = tmp_path / "model"
+    model_dir = tmp_path_factory.mktemp("checkpointlike") / "model"
     shutil.copytree(saved_tiny_dir, model_dir)
     example = (
         torch.randn(2, 4, 64, 64),
@@ -151,7 +152,8 @@ def model_dir_with_checkpoint_trace(
             return (self.unet(latents, t, encoder_hidden_states=text).sample,)
 
     (model_dir / "unet_traced").mkdir()
-    with torch.no_grad(), pytest.warns(Warning):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches
         traced = torch.jit.trace(Checkpointlike(tiny.unet), example, check_trace=False)
     torch.jit.save(traced, str(model_dir / "unet_traced" / "unet_traced.pt"))
     return model_dir
