@@ -25,6 +25,7 @@ from riffusion.models import (
 from riffusion.unet_backends import (
     EagerUNet,
     ShapeCheckedTracedUNet,
+    TraceError,
     prepare_unet,
     trace_unet,
 )
@@ -242,6 +243,14 @@ def test_trace_unet_cli_end_to_end(
     assert isinstance(traced, ShapeCheckedTracedUNet)
     assert traced.signature.batch_sizes is None  # any batch size
     assert (traced.signature.latent_height, traced.signature.latent_width) == (64, 64)
+
+
+def test_trace_unet_verifies_against_eager(tiny: RiffusionComponents, tmp_path: Path) -> None:
+    # A negative tolerance no output can meet: the verification must reject the trace
+    # rather than save it.
+    with pytest.raises(TraceError, match="differs from eager"):
+        trace_unet(tiny, tmp_path / "rejected", tolerance=-1.0)
+    assert not (tmp_path / "rejected" / "unet_traced.pt").exists()
 
 
 def test_trace_unet_function_checks_size(tiny: RiffusionComponents, tmp_path: Path) -> None:
