@@ -354,47 +354,42 @@ def _runner(*args: str) -> subprocess.CompletedProcess[str]:
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
 
 
-def test_smoke_run_writes_a_full_report(server: str, tmp_path: Path) -> None:
+def test_smoke_run_writes_a_full_report_and_gates(server: str, tmp_path: Path) -> None:
+    """One listener for 90 s (Griffin-Lim on CPU costs seconds per clip) with an
+    impossible p95 limit: the runner must write everything and exit 1; the same
+    folder re-gated with generous limits (same code path as the runner) passes."""
     output = tmp_path / "report"
     result = _runner(
-        # One listener and one API client; Griffin-Lim on CPU makes each clip take seconds.
-        *("--host", server, "-u", "2", "-r", "2", "-t", "60s", "-o", str(output)),
-        *("--playback-speed", "20", "--num-inference-steps", "2"),
-        "--locust-arg=--request-timeout=120",
-        *("--max-p95-ms", "60000", "--max-failure-rate", "0", "--max-fell-behind-rate", "1"),
+        *("--host", server, "-u", "1", "-t", "90s", "-o", str(output)),
+        *("--user-class", "WebAppListener", "--playback-speed", "20"),
+        *("--num-inference-steps", "2", "--locust-arg=--request-timeout=300"),
+        *("--max-p95-ms", "1", "--max-failure-rate", "0", "--max-fell-behind-rate", "1"),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr
+    stderr = " ".join(result.stderr.split())  # rich wraps long lines
+    assert "threshold exceeded: p95 of POST /run_inference/ is" in stderr
+    assert "> --max-p95-ms 1" in stderr
+    assert stderr.count("threshold exceeded") == 1  # no failures; hand-overs were measured
+
     for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv"):
         assert (output / name).stat().st_size > 0
     assert "<html" in (output / "report.html").read_text().lower()
     with Image.open(output / "chart.png") as chart:
         assert chart.format == "PNG"
     summary = json.loads((output / "summary.json").read_text())
-    endpoints = {e["name"]: e for e in summary["endpoints"]}
-    assert summary["total_requests"] > 0 and summary["total_failures"] == 0
-    assert endpoints["/run_inference/"]["requests"] > 0
-    assert endpoints["/run_inference/"]["p95_ms"] > 0
-    assert summary["handoffs"] > 0  # listeners got past their first clip
-    assert 0.0 <= summary["fell_behind_rate"] <= 1.0
+    run_inference = {e["name"]: e for e in summary["endpoints"]}["/run_inference/"]
+    assert run_inference["requests"] >= 2 and run_inference["failures"] == 0
+    assert run_inference["p95_ms"] > 0
+    assert summary["handoffs"] > 0 and 0.0 <= summary["fell_behind_rate"] <= 1.0
     assert summary["histograms"]["riffusion_batch_size"]["count"] > 0
     markdown = (output / "summary.md").read_text()
-    assert "POST /run_inference/" in markdown and "fell-behind rate" in markdown
-    assert "All thresholds met." in markdown
+    assert "fell-behind rate" in markdown and "FAIL: p95 of POST /run_inference/" in markdown
 
-
-def test_impossible_threshold_fails_the_run(server: str, tmp_path: Path) -> None:
-    output = tmp_path / "gate"
-    result = _runner(
-        *("--host", server, "-u", "1", "-t", "45s", "-o", str(output), "--max-p95-ms", "1"),
-        *("--user-class", "WebAppListener", "--num-inference-steps", "2"),
-        "--locust-arg=--request-timeout=120",
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    stderr = " ".join(result.stderr.split())  # rich wraps long lines
-    assert "threshold exceeded: p95 of POST /run_inference/ is" in stderr
-    assert "> --max-p95-ms 1" in stderr
-    assert "FAIL: p95 of POST /run_inference/" in (output / "summary.md").read_text()
+    limits = ["--max-p95-ms", "600000", "--max-failure-rate", "0", "--max-fell-behind-rate", "1"]
+    generous = CliRunner().invoke(report_main, [str(output), *limits])
+    assert generous.exit_code == 0, generous.output
+    assert "All thresholds met." in (output / "summary.md").read_text()
