@@ -413,6 +413,6 @@ def _describe_load_failure(
         )
     return (
         f"could not download model {location!r} ({component}/) from the Hugging Face hub: "
-        f"{first_line}; check network access and the model id, set HF_TOKEN for a private "
-        "model, or pass a local diffusers directory"
+        f"{first_line}; check network access and the model id (it is not a local directory "
+        "either), set HF_TOKEN for a private model, or pass a local diffusers directory"
     )
