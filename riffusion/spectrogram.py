@@ -17,6 +17,10 @@ Image encoding (exactly as the model's training data):
   so callers normalise the reconstructed audio's loudness afterwards. Mono
   reads the mean of R, G and B (equal for images written here; averages the
   diffusion model's slight colour noise); stereo reads G and B.
+  ``audio_from_image`` divides the reconstructed waveform by 32768 (the fixed
+  scale matches 16-bit audio), so a loud image lands roughly in [-1, 1].
+
+Pillow drops EXIF on ``save`` unless it is passed; ``encode_image`` passes it.
 """
 
 from __future__ import annotations

