@@ -9,7 +9,7 @@ the pipeline can batch any mix of them.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,7 +36,7 @@ ImageId = Annotated[
 ]
 
 
-class SchedulerName(str, Enum):
+class SchedulerName(StrEnum):
     """Diffusion schedulers a job may ask for (default: the checkpoint's own)."""
 
     ddim = "ddim"
