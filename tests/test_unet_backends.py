@@ -268,7 +268,8 @@ def test_trace_unet_cli_rejects_bad_size(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(
     os.environ.get("RIFFUSION_SLOW_TESTS") != "1",
-    reason="torch.compile on CPU builds C++ kernels (minutes on 2 cores); RIFFUSION_SLOW_TESTS=1",
+    reason="torch.compile on CPU builds C++ kernels (over a minute on 2 cores); "
+    "set RIFFUSION_SLOW_TESTS=1",
 )
 def test_compiled_matches_eager(tiny: RiffusionComponents) -> None:
     compiled = prepare_unet(tiny, "compiled")
