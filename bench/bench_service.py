@@ -16,11 +16,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,8 +30,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-BENTOML = Path(sys.executable).parent / "bentoml"
+from load_tests.server import LocalServer
+
 console = Console()
 
 
@@ -54,67 +50,19 @@ class LevelResult:
     mean_batch_size: float
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def serve(model: str, max_batch_size: int, timeout_s: float = 300) -> Iterator[str]:
-    """A `bentoml serve` subprocess; yields its base URL once /readyz answers."""
-    port = _free_port()
+    """A local server without an API key; yields its base URL once /readyz answers."""
     with tempfile.TemporaryDirectory() as home:
-        env = {
-            **os.environ,
-            "RIFFUSION_MODEL": model,
+        env: dict[str, str | None] = {
             "RIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
             "RIFFUSION_MAX_LATENCY_MS": "600000",
             "RIFFUSION_MAX_CONCURRENCY": "256",
+            "RIFFUSION_API_KEY": None,
             "BENTOML_HOME": home,
-            "BENTOML_DO_NOT_TRACK": "1",
         }
-        env.pop("RIFFUSION_API_KEY", None)
-        log = Path(home) / "serve.log"
-        with log.open("wb") as log_file:
-            process = subprocess.Popen(
-                [
-                    str(BENTOML),
-                    "serve",
-                    "service:Riffusion",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not ready after {timeout_s} s")
-                time.sleep(1)
-            yield url
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        with LocalServer(Path(home) / "serve.log", model, env, timeout_s) as server:
+            yield server.url
 
 
 async def _run_level(

@@ -4,4 +4,5 @@
 - ``python -m load_tests.run``: starts a local server unless given a host, runs locust
   headless, writes CSV/HTML/PNG/markdown into one folder and gates on thresholds;
 - ``load_tests.report``: turns locust's CSV files and ``/metrics`` scrapes into the summary.
+- ``load_tests.server``: ``LocalServer``, a throwaway local ``bentoml serve`` (no locust import).
 """

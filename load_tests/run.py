@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -32,6 +30,7 @@ import httpx
 from rich.console import Console
 
 from load_tests.report import CSV_PREFIX, METRICS_AFTER, METRICS_BEFORE, Thresholds, write_report
+from load_tests.server import LocalServer, StartupError, executable, log_tail, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -40,7 +39,6 @@ SHAPES = ("ramp", "spike", "soak")
 MAX_USERS = 2000
 MAX_RUN_TIME_S = 6 * 3600
 LOCUST_OK_CODES = (0, 1)  # locust exits 1 when any request failed: that is data, not an error
-STARTUP_FAILED_MARKER = "Application startup failed"
 EXIT_THRESHOLD, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 130
 
 console = Console(stderr=True)
@@ -79,118 +77,6 @@ def parse_env_assignments(values: Sequence[str]) -> dict[str, str]:
 
 
 # --- processes ---
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def executable(name: str) -> str:
-    """A console script of this environment (next to the interpreter), else from PATH."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise RunError(f"{name!r} is not installed in this environment")
-    return found
-
-
-def stop_process_group(
-    process: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM, grace_s: float = 15.0
-) -> None:
-    """Signal the process group, wait ``grace_s``, then kill it."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, first_signal)
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    if not path.is_file():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-@dataclass
-class LocalServer:
-    """``bentoml serve service:Riffusion`` on a free loopback port, in its own process group."""
-
-    log_path: Path
-    model: str = "tiny"
-    extra_env: Mapping[str, str] = field(default_factory=dict)
-    ready_timeout_s: float = 300.0
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> LocalServer:
-        self.port = self.port or free_port()
-        env = {**os.environ, "RIFFUSION_MODEL": self.model, **self.extra_env}
-        command = [executable("bentoml"), "serve", "service:Riffusion"]
-        command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RunError(
-                    f"server exited with code {self.process.returncode} before it was ready; "
-                    f"log {self.log_path}:\n{_log_tail(self.log_path)}"
-                )
-            if STARTUP_FAILED_MARKER in self.log_path.read_text(errors="replace"):
-                # BentoML keeps restarting a worker whose service fails to construct.
-                raise RunError(
-                    f"server failed to start; log {self.log_path}:\n{_log_tail(self.log_path)}"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RunError(
-            f"server not ready after {self.ready_timeout_s:.0f} s; log {self.log_path}:\n"
-            f"{_log_tail(self.log_path)}"
-        )
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process)
-
-    def __enter__(self) -> LocalServer:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
 
 
 @contextmanager
@@ -305,7 +191,7 @@ def execute(plan: LocustPlan, thresholds: Thresholds, context: dict[str, str]) -
     if locust_code not in LOCUST_OK_CODES:
         raise RunError(
             f"locust exited with code {locust_code}; log {plan.output / 'locust.log'}:\n"
-            f"{_log_tail(plan.output / 'locust.log')}"
+            f"{log_tail(plan.output / 'locust.log')}"
         )
     context = {"started": started.isoformat(timespec="seconds"), **context}
     for name, text in ((METRICS_BEFORE, metrics_before), (METRICS_AFTER, metrics_after)):
@@ -466,7 +352,9 @@ def main(
         with interrupt_on_sigterm():
             if host is None:
                 console.print(f"starting a local server (RIFFUSION_MODEL={model}) ...")
-                server = LocalServer(output / "server.log", model, extra_env, server_timeout)
+                server = LocalServer(
+                    output / "server.log", model, env=extra_env, ready_timeout_s=server_timeout
+                )
                 server.start()
             plan = LocustPlan(
                 host=host or (server.url if server else ""),
@@ -486,7 +374,7 @@ def main(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; stopped everything this run started[/]")
         code = EXIT_INTERRUPTED
-    except RunError as error:
+    except (RunError, StartupError) as error:
         console.print(f"[red]load test failed:[/] {error}")
         code = EXIT_RUN_FAILED
     finally:

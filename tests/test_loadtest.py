@@ -37,7 +37,8 @@ from load_tests.report import (
 from load_tests.report import (
     main as report_main,
 )
-from load_tests.run import LocalServer, parse_env_assignments, parse_run_time
+from load_tests.run import parse_env_assignments, parse_run_time
+from load_tests.server import LocalServer
 from load_tests.traffic import (
     AlphaWalk,
     ResponseCheckError,

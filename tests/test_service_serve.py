@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,10 +19,9 @@ import soundfile as sf
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from load_tests.server import LocalServer
 from riffusion.api_schemas import decode_data_url
 
-ROOT = Path(__file__).resolve().parents[1]
-BENTOML = Path(sys.executable).parent / "bentoml"
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 READY_TIMEOUT_S = 300
@@ -47,67 +39,19 @@ WEB_APP_REQUEST = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
     env = {
-        **os.environ,
-        "RIFFUSION_MODEL": "tiny",
         "RIFFUSION_API_KEY": API_KEY,
         "RIFFUSION_MAX_BATCH_SIZE": "8",
         # CPU clips take seconds: a generous deadline so the dispatcher batches, not refuses.
         "RIFFUSION_MAX_LATENCY_MS": "600000",
         "BENTOML_HOME": str(tmp / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    log_path = tmp / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(BENTOML),
-                "serve",
-                "service:Riffusion",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the workers die with it
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited early:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready after {READY_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield base_url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    with LocalServer(tmp / "serve.log", "tiny", env, READY_TIMEOUT_S) as local:
+        yield local.url
 
 
 def _histogram(base_url: str, name: str) -> dict[str, float]:
