@@ -38,6 +38,7 @@ from riffusion.spectrogram import SpectrogramError, SpectrogramParams
 
 F = TypeVar("F", bound=Callable[..., Any])
 UNET_BACKENDS = ("eager", "traced", "compiled")
+SEED_RANGE = click.IntRange(0, 2**32 - 1)
 # Errors that come from the user's input or setup: reported as one line, exit code 1.
 USER_ERRORS = (
     AudioError,
@@ -193,6 +194,13 @@ def prompt_input(
     return PromptInput(**fields)
 
 
+def with_scheduler(jobs: list[GenerationJob], scheduler: str | None) -> list[GenerationJob]:
+    """``jobs`` with ``--scheduler`` applied (unchanged without one)."""
+    if not scheduler:
+        return jobs
+    return [job.model_copy(update={"scheduler": SchedulerName(scheduler)}) for job in jobs]
+
+
 def save_image(clip: GeneratedClip, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clip.image.save(path, exif=clip.image.getexif())
@@ -219,12 +227,29 @@ output_option = click.option(
     required=True,
     help="Audio file to write (format from the suffix: wav, flac, ogg, mp3).",
 )
+overlap_option = click.option(
+    "--overlap",
+    type=click.FloatRange(0, 5),
+    default=OVERLAP_S,
+    show_default=True,
+    help="Crossfade between clips, seconds.",
+)
+batch_size_option = click.option(
+    "--batch-size",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Clips per pipeline call.",
+)
+mask_image_option = click.option(
+    "--mask-image-id", default=None, help="Mask from the seed-image library."
+)
 
 
 @cli.command("text-to-audio")
 @click.argument("prompt")
 @output_option
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED_RANGE, default=0, show_default=True)
 @negative_option
 @guidance_option
 @click.option(
@@ -281,10 +306,10 @@ def text_to_audio(
 @output_option
 @click.option("--prompt", required=True, help="What the riffed track should sound like.")
 @click.option("--end-prompt", default=None, help="Walk from --prompt to this along the track.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED_RANGE, default=0, show_default=True)
 @click.option(
     "--end-seed",
-    type=click.IntRange(0, 2**32 - 1),
+    type=SEED_RANGE,
     default=None,
     help="Seed of the end prompt (default: --seed).",
 )
@@ -304,21 +329,9 @@ def text_to_audio(
     show_default=True,
     help="Seconds per clip.",
 )
-@click.option(
-    "--overlap",
-    type=click.FloatRange(0, 5),
-    default=OVERLAP_S,
-    show_default=True,
-    help="Crossfade between clips, seconds.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Clips per pipeline call.",
-)
-@click.option("--mask-image-id", default=None, help="Mask from the seed-image library.")
+@overlap_option
+@batch_size_option
+@mask_image_option
 @model_options
 @reports_errors
 def riff(
@@ -361,8 +374,7 @@ def riff(
         overlap_s=overlap,
         mask_image_id=mask_image_id,
     )
-    if scheduler:
-        jobs = [job.model_copy(update={"scheduler": SchedulerName(scheduler)}) for job in jobs]
+    jobs = with_scheduler(jobs, scheduler)
     stderr.print(f"{input_path}: {audio.duration_s:.2f} s -> {len(jobs)} clips")
     check_image_ids(None, mask_image_id)
     pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
@@ -375,22 +387,16 @@ def riff(
 @output_option
 @click.option("--start-prompt", required=True)
 @click.option("--end-prompt", required=True)
-@click.option("--start-seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
-@click.option("--end-seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True)
+@click.option("--start-seed", type=SEED_RANGE, default=0, show_default=True)
+@click.option("--end-seed", type=SEED_RANGE, default=1, show_default=True)
 @negative_option
 @guidance_option
 @click.option("--denoising", type=click.FloatRange(0, 1), default=0.75, show_default=True)
 @click.option("--num-clips", type=click.IntRange(2, 64), default=5, show_default=True)
 @click.option("--seed-image-id", default="og_beat", show_default=True)
-@click.option("--mask-image-id", default=None)
-@click.option(
-    "--overlap",
-    type=click.FloatRange(0, 5),
-    default=OVERLAP_S,
-    show_default=True,
-    help="Crossfade between clips, seconds.",
-)
-@click.option("--batch-size", type=click.IntRange(1, 64), default=4, show_default=True)
+@mask_image_option
+@overlap_option
+@batch_size_option
 @click.option(
     "--images-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -425,8 +431,7 @@ def interpolate(
     start = prompt_input(start_prompt, start_seed, negative_prompt, guidance, denoising)
     end = prompt_input(end_prompt, end_seed, negative_prompt, guidance, denoising)
     jobs = interpolation_jobs(start, end, num_clips, seed_image_id, mask_image_id, steps)
-    if scheduler:
-        jobs = [job.model_copy(update={"scheduler": SchedulerName(scheduler)}) for job in jobs]
+    jobs = with_scheduler(jobs, scheduler)
     check_image_ids(seed_image_id, mask_image_id)
     pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
     clips = run_in_batches(pipeline, jobs, batch_size, "clips")
