@@ -12,6 +12,7 @@ Deliberately free of locust: importing locust monkey-patches the standard librar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import httpx
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # BentoML keeps restarting a worker whose service fails to construct; this line in the
@@ -58,9 +60,17 @@ def executable(name: str) -> str:
 def stop_process_group(
     process: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM, grace_s: float = 15.0
 ) -> None:
-    """Signal the process group, wait ``grace_s``, then kill it."""
+    """Signal the process group, wait ``grace_s``, then kill it and any stray descendants.
+
+    BentoML's supervisor starts each worker in a session of its own, out of reach of
+    ``killpg``; the descendants are listed before signalling so none outlives the server.
+    """
     if process.poll() is not None:
         return
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     try:
         os.killpg(process.pid, first_signal)
         process.wait(timeout=grace_s)
@@ -69,6 +79,10 @@ def stop_process_group(
         process.wait(timeout=10)
     except ProcessLookupError:
         pass
+    _, alive = psutil.wait_procs(descendants, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

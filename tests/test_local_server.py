@@ -12,6 +12,7 @@ import stat
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from load_tests import server as server_module
@@ -64,3 +65,25 @@ def test_env_sets_model_adds_and_removes_variables(monkeypatch: pytest.MonkeyPat
     assert "RIFFUSION_API_KEY" not in env
     assert env["BENTOML_DO_NOT_TRACK"] == "1"
     assert env["PATH"] == os.environ["PATH"]
+
+
+def test_workers_in_their_own_session_are_stopped_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # BentoML's supervisor starts workers with setsid: killing the group misses them.
+    pid_file = tmp_path / "worker.pid"
+    _fake_bentoml(
+        monkeypatch,
+        tmp_path,
+        f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 60' &\nexec sleep 60",
+    )
+    server = LocalServer(tmp_path / "serve.log", ready_timeout_s=1)
+    deadline = time.monotonic() + 5
+    with pytest.raises(StartupError):
+        server.start()
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker_pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(worker_pid) or (
+        psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+    )
