@@ -128,6 +128,11 @@ class RiffusionModel:
     def __is_ready__(self) -> bool:
         return getattr(self, "pipeline", None) is not None
 
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """Model id, tiny or not, device, dtype and UNet backend of the loaded pipeline."""
+        return self.pipeline.describe()
+
     @bentoml.api(
         batchable=SETTINGS.max_batch_size > 1,
         max_batch_size=max(2, SETTINGS.max_batch_size),
@@ -233,7 +238,17 @@ async def _get_seed_images(request: Request) -> Response:
     return JSONResponse(listing.model_dump())
 
 
-extra_routes = Starlette(routes=[Route("/seed_images", _get_seed_images, methods=["GET"])])
+async def _get_model_info(request: Request) -> Response:
+    service = bentoml.get_current_service()
+    return JSONResponse(await service.model.to_async.describe())
+
+
+extra_routes = Starlette(
+    routes=[
+        Route("/seed_images", _get_seed_images, methods=["GET"]),
+        Route("/model_info", _get_model_info, methods=["GET"]),
+    ]
+)
 
 
 # ------------------------------------------------------------------ API service

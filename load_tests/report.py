@@ -138,7 +138,7 @@ class LoadTestSummary:
         for failure in self.failures:
             if failure.request_type == PLAYBACK_REQUEST_TYPE:
                 continue
-            match = _STATUS_RE.match(failure.error)
+            match = _STATUS_RE.search(failure.error)
             counts[match.group(1) if match else "other"] += failure.occurrences
         return dict(sorted(counts.items()))
 

@@ -232,7 +232,15 @@ def synthetic_run(tmp_path: Path) -> Path:
         Path(f"{prefix}_failures.csv"),
         ["Method", "Name", "Error", "Occurrences", "First Seen", "Last Seen"],
         [
-            ["POST", "/run_inference/", "HTTP 429: too many requests", 2, "", ""],
+            # As locust writes them: the reason wrapped in the exception's repr.
+            [
+                "POST",
+                "/run_inference/",
+                "CatchResponseError('HTTP 429: Too many requests')",
+                2,
+                "",
+                "",
+            ],
             ["POST", "/run_inference/", "HTTP 503: model service is at capacity", 1, "", ""],
             ["PLAYBACK", "fell_behind", "clip not ready when the previous one finished", 5, "", ""],
         ],

@@ -117,6 +117,16 @@ def test_health_routes(client: Any) -> None:
         assert client.get(path).status_code == 200, path
 
 
+def test_model_info_reports_the_tiny_model(client: Any) -> None:
+    response = client.get("/model_info")
+    assert response.status_code == 200
+    info = response.json()
+    assert info["model_id"] == "tiny" and info["is_tiny"] is True
+    assert "TINY" in info["note"]
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["unet_backend"] == "eager"
+
+
 def test_openapi_documents_typed_endpoints(client: Any) -> None:
     spec = client.get("/docs.json").json()
     for path in ("/run_inference/", "/text_to_audio", "/audio_to_audio", "/interpolate"):
