@@ -22,6 +22,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
+import aiohttp
 import anyio
 import bentoml
 from bentoml.exceptions import BentoMLException
@@ -319,6 +320,9 @@ class Riffusion:
             request = ModelRequest(job=job, submitted_at=time.time())
             try:
                 [result] = await self.model.to_async.generate([request])
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                # The model service dropped the connection (restart, overload): retryable.
+                raise ModelOverloaded(f"model service connection failed: {exc!r}") from exc
             except BentoMLException as exc:
                 if exc.error_code in (
                     HTTPStatus.TOO_MANY_REQUESTS,

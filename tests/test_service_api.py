@@ -413,3 +413,33 @@ def test_correct_request_after_errors(client: Any) -> None:
     second = text_to_audio(client, format="wav", seed=21)
     assert first.status_code == second.status_code == 200
     assert first.content == second.content
+
+
+@pytest.mark.parametrize("failure", ["disconnect", "busy"])
+def test_model_service_failures_answer_503_with_retry_after(client: Any, failure: str) -> None:
+    import asyncio
+    from types import MethodType, SimpleNamespace
+
+    import aiohttp
+    from bentoml.exceptions import ServiceUnavailable
+
+    from riffusion.schemas import GenerationJob, PromptInput
+
+    service = sys.modules["service"]
+    api = service.Riffusion.inner  # the plain class behind the bentoml.Service
+
+    async def failing_generate(requests: list[Any]) -> list[Any]:
+        if failure == "disconnect":
+            raise aiohttp.ServerDisconnectedError()
+        raise ServiceUnavailable("busy")
+
+    fake = SimpleNamespace(
+        model=SimpleNamespace(to_async=SimpleNamespace(generate=failing_generate))
+    )
+    fake._generate = MethodType(api._generate, fake)
+    job = GenerationJob(start=PromptInput(prompt="x"), num_inference_steps=STEPS, width=64)
+    results, error = asyncio.run(api._generate_or_error(fake, [job]))
+    assert results == [] and error is not None
+    assert error.status_code == 503 and error.headers["Retry-After"] == "5"
+    # The real service still answers afterwards.
+    assert client.post("/run_inference/", json=WEB_APP_REQUEST).status_code == 200
