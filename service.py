@@ -315,14 +315,9 @@ class Riffusion:
     async def _generate(self, jobs: Sequence[GenerationJob]) -> list[ModelResult]:
         """Send each job as its own call, concurrently, so adaptive batching merges them."""
 
-        async def one(job: GenerationJob) -> ModelResult:
-            sent = time.perf_counter()
-            request = ModelRequest(job=job, submitted_at=time.time())
+        async def call_model(request: ModelRequest) -> Any:
             try:
                 [result] = await self.model.to_async.generate([request])
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                # The model service dropped the connection (restart, overload): retryable.
-                raise ModelOverloaded(f"model service connection failed: {exc!r}") from exc
             except BentoMLException as exc:
                 if exc.error_code in (
                     HTTPStatus.TOO_MANY_REQUESTS,
@@ -331,6 +326,24 @@ class Riffusion:
                 ):
                     raise ModelOverloaded(str(exc)) from exc
                 raise
+            return result
+
+        async def one(job: GenerationJob) -> ModelResult:
+            sent = time.perf_counter()
+            request = ModelRequest(job=job, submitted_at=time.time())
+            try:
+                result = await call_model(request)
+            except aiohttp.ClientConnectionError:
+                # BentoML's inter-service client can reuse a pooled connection the model
+                # service has already closed (bentoml/BentoML#4971). A job is
+                # deterministic and side-effect free, so one retry is safe.
+                logger.warning("model service connection dropped; retrying the clip once")
+                try:
+                    result = await call_model(request)
+                except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                    raise ModelOverloaded(f"model service connection failed: {exc!r}") from exc
+            except TimeoutError as exc:
+                raise ModelOverloaded(f"model service timed out: {exc!r}") from exc
             CLIP_LATENCY.observe(time.perf_counter() - sent)
             return ModelResult.model_validate(result)
 

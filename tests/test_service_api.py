@@ -428,7 +428,10 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
     service = sys.modules["service"]
     api = service.Riffusion.inner  # the plain class behind the bentoml.Service
 
+    calls = []
+
     async def failing_generate(requests: list[Any]) -> list[Any]:
+        calls.append(requests)
         if failure == "disconnect":
             raise aiohttp.ServerDisconnectedError()
         raise ServiceUnavailable("busy")
@@ -441,5 +444,7 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
     results, error = asyncio.run(api._generate_or_error(fake, [job]))
     assert results == [] and error is not None
     assert error.status_code == 503 and error.headers["Retry-After"] == "5"
+    # A dropped connection is retried once (jobs are deterministic); a busy answer is not.
+    assert len(calls) == (2 if failure == "disconnect" else 1)
     # The real service still answers afterwards.
     assert client.post("/run_inference/", json=WEB_APP_REQUEST).status_code == 200
