@@ -79,10 +79,14 @@ def stop_process_group(
         process.wait(timeout=10)
     except ProcessLookupError:
         pass
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
     _, alive = psutil.wait_procs(descendants, timeout=5)
     for child in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
+    psutil.wait_procs(alive, timeout=5)  # SIGKILL lands asynchronously
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
