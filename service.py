@@ -431,7 +431,7 @@ class Riffusion:
     @bentoml.api(route="/audio_to_audio", input_spec=AudioToAudioRequest)
     async def audio_to_audio(self, **fields: Any) -> AudioFile:
         """Re-imagine an uploaded track clip by clip (clips batched), crossfaded back together."""
-        from riffusion.riff import OVERLAP_S, riff_clip_num_frames, riff_jobs, stitch_clips
+        from riffusion.riff import OVERLAP_S, plan_riff, stitch_clips
 
         request = AudioToAudioRequest.model_validate(fields)
         size = request.audio.stat().st_size
@@ -445,22 +445,21 @@ class Riffusion:
             status = 413 if "too long" in str(exc) else 400
             return error_response(status, "audio", str(exc))
         try:
-            jobs = await anyio.to_thread.run_sync(
-                lambda: riff_jobs(
+            plan = await anyio.to_thread.run_sync(
+                lambda: plan_riff(
                     source,
                     request.start_input(),
                     request.end_input(),
                     num_inference_steps=request.num_inference_steps,
                 )
             )
-            clip_num_frames = riff_clip_num_frames(source)
         except AudioError as exc:
             return error_response(400, "audio", str(exc))
-        results, error = await self._generate_or_error(jobs)
+        results, error = await self._generate_or_error(plan.jobs)
         if error is not None:
             return error
         # Each result is fitted to its source clip so the riff lines up with the upload.
-        audio = stitch_clips([r.audio() for r in results], OVERLAP_S, clip_num_frames)
+        audio = stitch_clips([r.audio() for r in results], OVERLAP_S, plan.clip_num_frames)
         headers = {**self._timing_headers(results), "X-Riffusion-Clips": str(len(results))}
         return await anyio.to_thread.run_sync(
             self._audio_response, audio, request.format, "audio_to_audio", headers

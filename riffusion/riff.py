@@ -1,8 +1,9 @@
 """Long audio and interpolation as lists of generation jobs, and stitching the results.
 
-- ``riff_jobs``: audio-to-audio on a track of any length. The track is cut into
+- ``plan_riff``: audio-to-audio on a track of any length. The track is cut into
   overlapping clips; each clip's own spectrogram is the init image of one job,
-  with an optional alpha walk from the start to the end prompt input.
+  with an optional alpha walk from the start to the end prompt input. The plan
+  also keeps each source clip's length, which ``stitch_clips`` fits the results to.
 - ``interpolation_jobs``: N clips walking alpha evenly from 0 to 1 on one seed image.
 - ``stitch_clips``: crossfade generated clips back into one track.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,7 +73,15 @@ def clip_init_image_png(clip: Audio, params: SpectrogramParams = DEFAULT_PARAMS)
     return buffer.getvalue()
 
 
-def riff_jobs(
+@dataclass(frozen=True)
+class RiffPlan:
+    """The jobs for a track, and each source clip's length for ``stitch_clips``."""
+
+    jobs: list[GenerationJob]
+    clip_num_frames: list[int]  # samples at the spectrogram's sample rate
+
+
+def plan_riff(
     audio: Audio,
     start: PromptInput,
     end: PromptInput | None = None,
@@ -82,11 +92,12 @@ def riff_jobs(
     denoising: float = RIFF_DENOISING,
     mask_image_id: str | None = None,
     params: SpectrogramParams = DEFAULT_PARAMS,
-) -> list[GenerationJob]:
+) -> RiffPlan:
     """One img2img job per overlapping clip of ``audio``, in track order.
 
     ``denoising`` applies to a prompt input that does not set its own. With an
-    ``end`` input, alpha walks from 0 on the first clip to 1 on the last.
+    ``end`` input, alpha walks from 0 on the first clip to 1 on the last. The
+    track is mixed down, resampled and sliced once.
     """
     max_duration_s = MAX_WIDTH * params.step_size_ms / 1000
     if not 0 < clip_duration_s <= max_duration_s:
@@ -97,7 +108,7 @@ def riff_jobs(
     start = _with_default_denoising(start, denoising)
     end = _with_default_denoising(end, denoising) if end is not None else None
     alphas = alphas_along(len(clips)) if end is not None else [0.0] * len(clips)
-    return [
+    jobs = [
         GenerationJob(
             start=start,
             end=end,
@@ -108,17 +119,7 @@ def riff_jobs(
         )
         for clip, alpha in zip(clips, alphas, strict=True)
     ]
-
-
-def riff_clip_num_frames(
-    audio: Audio,
-    clip_duration_s: float = CLIP_DURATION_S,
-    overlap_s: float = OVERLAP_S,
-    params: SpectrogramParams = DEFAULT_PARAMS,
-) -> list[int]:
-    """Length in samples (at ``params.sample_rate``) of each source clip ``riff_jobs`` cuts."""
-    clips = slice_clips(prepare_track(audio, params), clip_duration_s, overlap_s)
-    return [clip.num_frames for clip in clips]
+    return RiffPlan(jobs, [clip.num_frames for clip in clips])
 
 
 def interpolation_jobs(
@@ -158,7 +159,7 @@ def stitch_clips(
 ) -> Audio:
     """Crossfade ``clips`` over ``overlap_s`` into one track.
 
-    ``clip_num_frames`` (from ``riff_clip_num_frames``) first fits each clip to
+    ``clip_num_frames`` (``RiffPlan.clip_num_frames``) first fits each clip to
     its source clip's length, so the result lines up with the source track:
     Griffin-Lim returns one hop less than the source and the image width is
     rounded down to 8 px.
@@ -174,12 +175,12 @@ __all__ = [
     "CLIP_DURATION_S",
     "OVERLAP_S",
     "RIFF_DENOISING",
+    "RiffPlan",
     "alphas_along",
     "clip_init_image_png",
     "fit_length",
     "interpolation_jobs",
+    "plan_riff",
     "prepare_track",
-    "riff_clip_num_frames",
-    "riff_jobs",
     "stitch_clips",
 ]

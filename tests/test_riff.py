@@ -16,8 +16,7 @@ from riffusion.riff import (
     alphas_along,
     fit_length,
     interpolation_jobs,
-    riff_clip_num_frames,
-    riff_jobs,
+    plan_riff,
     stitch_clips,
 )
 from riffusion.schemas import PromptInput
@@ -33,13 +32,14 @@ def track(seconds: float, sample_rate: int = 44100, channels: int = 1) -> Audio:
     return Audio(np.tile(tone.astype(np.float32), (channels, 1)), sample_rate)
 
 
-def test_riff_jobs_cover_the_track_with_init_images() -> None:
+def test_riff_plan_covers_the_track_with_init_images() -> None:
     audio = track(2.5, sample_rate=22050, channels=2)  # resampled and mixed down
-    jobs = riff_jobs(audio, START, END, num_inference_steps=3, clip_duration_s=1.28, overlap_s=0.2)
+    plan = plan_riff(audio, START, END, num_inference_steps=3, clip_duration_s=1.28, overlap_s=0.2)
+    jobs = plan.jobs
     # Clips start every 1.08 s: 0, 1.08, 2.16 (the last one 0.34 s long).
     assert len(jobs) == 3
     assert [job.alpha for job in jobs] == [0.0, 0.5, 1.0]
-    assert riff_clip_num_frames(audio, 1.28, 0.2) == [56448, 56448, 14994]
+    assert plan.clip_num_frames == [56448, 56448, 14994]
     for job in jobs:
         assert job.init_image_png is not None and job.seed_image_id is None
         image = Image.open(io.BytesIO(job.init_image_png))
@@ -49,14 +49,14 @@ def test_riff_jobs_cover_the_track_with_init_images() -> None:
         assert job.end is not None and job.end.denoising == 0.4
     widths = [Image.open(io.BytesIO(job.init_image_png or b"")).width for job in jobs]
     assert widths == [128, 128, 64]  # the short last clip is padded to the minimum width
-    assert all(job.alpha == 0.0 for job in riff_jobs(audio, START, None, clip_duration_s=1.28))
+    assert all(job.alpha == 0.0 for job in plan_riff(audio, START, clip_duration_s=1.28).jobs)
 
 
-def test_riff_jobs_reject_bad_clip_lengths() -> None:
+def test_riff_plan_rejects_bad_clip_lengths() -> None:
     with pytest.raises(AudioError, match="clip duration"):
-        riff_jobs(track(1.0), START, clip_duration_s=30.0)
+        plan_riff(track(1.0), START, clip_duration_s=30.0)
     with pytest.raises(AudioError, match="overlap"):
-        riff_jobs(track(1.0), START, clip_duration_s=1.0, overlap_s=1.0)
+        plan_riff(track(1.0), START, clip_duration_s=1.0, overlap_s=1.0)
 
 
 def test_interpolation_jobs_walk_alpha_on_one_seed_image() -> None:
@@ -92,11 +92,10 @@ def test_riff_a_short_track_end_to_end() -> None:
         spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
     )
     audio = track(1.6)
-    jobs = riff_jobs(audio, START, END, num_inference_steps=2, clip_duration_s=0.72, overlap_s=0.1)
-    assert len(jobs) == 3
-    clips = pipeline.run(jobs)
-    lengths = riff_clip_num_frames(audio, 0.72, 0.1)
-    riffed = stitch_clips([clip.audio for clip in clips], 0.1, lengths)
+    plan = plan_riff(audio, START, END, num_inference_steps=2, clip_duration_s=0.72, overlap_s=0.1)
+    assert len(plan.jobs) == 3
+    clips = pipeline.run(plan.jobs)
+    riffed = stitch_clips([clip.audio for clip in clips], 0.1, plan.clip_num_frames)
     assert riffed.sample_rate == 44100
     assert riffed.num_frames == audio.num_frames
     assert np.isfinite(riffed.samples).all() and np.abs(riffed.samples).max() <= 1.0

@@ -28,8 +28,7 @@ from riffusion.riff import (
     OVERLAP_S,
     RIFF_DENOISING,
     interpolation_jobs,
-    riff_clip_num_frames,
-    riff_jobs,
+    plan_riff,
     stitch_clips,
 )
 from riffusion.schemas import GenerationJob, PromptInput, SchedulerName, width_for_duration
@@ -365,7 +364,7 @@ def riff(
         if end_prompt is not None
         else None
     )
-    jobs = riff_jobs(
+    plan = plan_riff(
         audio,
         start,
         end,
@@ -374,13 +373,13 @@ def riff(
         overlap_s=overlap,
         mask_image_id=mask_image_id,
     )
-    jobs = with_scheduler(jobs, scheduler)
+    jobs = with_scheduler(plan.jobs, scheduler)
     stderr.print(f"{input_path}: {audio.duration_s:.2f} s -> {len(jobs)} clips")
     check_image_ids(None, mask_image_id)
     pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
     clips = run_in_batches(pipeline, jobs, batch_size, "clips")
-    lengths = riff_clip_num_frames(audio, clip_duration, overlap)
-    write_output(stitch_clips([clip.audio for clip in clips], overlap, lengths), output)
+    riffed = stitch_clips([clip.audio for clip in clips], overlap, plan.clip_num_frames)
+    write_output(riffed, output)
 
 
 @cli.command("interpolate")
