@@ -312,6 +312,13 @@ class Riffusion:
             return error_response(400, field, str(exc))
         return None
 
+    def _check_image_ids(self, seed_image_id: str | None, mask_image_id: str | None) -> Any | None:
+        """The first error response for an unknown seed or mask id, if any."""
+        seed_error = self._check_image_id(seed_image_id, "seed", "seed_image_id")
+        if seed_error is not None:
+            return seed_error
+        return self._check_image_id(mask_image_id, "mask", "mask_image_id")
+
     async def _generate(self, jobs: Sequence[GenerationJob]) -> list[ModelResult]:
         """Send each job as its own call, concurrently, so adaptive batching merges them."""
 
@@ -387,12 +394,9 @@ class Riffusion:
     async def run_inference(self, ctx: bentoml.Context, **fields: Any) -> RunInferenceResponse:
         """The riffusion web app's endpoint: JPEG spectrogram and MP3 audio as data URLs."""
         request = RunInferenceRequest.model_validate(fields)
-        for error in (
-            self._check_image_id(request.seed_image_id, "seed", "seed_image_id"),
-            self._check_image_id(request.mask_image_id, "mask", "mask_image_id"),
-        ):
-            if error is not None:
-                return _failed(ctx, error)
+        error = self._check_image_ids(request.seed_image_id, request.mask_image_id)
+        if error is not None:
+            return _failed(ctx, error)
         results, error = await self._generate_or_error([request.to_job()])
         if error is not None:
             return _failed(ctx, error)
@@ -471,12 +475,9 @@ class Riffusion:
         from riffusion.riff import OVERLAP_S, interpolation_jobs, stitch_clips
 
         request = InterpolateRequest.model_validate(fields)
-        for error in (
-            self._check_image_id(request.seed_image_id, "seed", "seed_image_id"),
-            self._check_image_id(request.mask_image_id, "mask", "mask_image_id"),
-        ):
-            if error is not None:
-                return _failed(ctx, error)
+        error = self._check_image_ids(request.seed_image_id, request.mask_image_id)
+        if error is not None:
+            return _failed(ctx, error)
         jobs = interpolation_jobs(
             request.start,
             request.end,
