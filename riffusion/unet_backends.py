@@ -105,21 +105,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class EagerUNet:
-    """The diffusers UNet itself."""
+class EagerUNet(torch.nn.Module):
+    """The diffusers UNet with positional inputs and a plain tensor output.
 
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.unet = unet
-
-    def __call__(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
-        output: Tensor = self.unet(
-            latents, timesteps, encoder_hidden_states=text_embeddings, return_dict=False
-        )[0]
-        return output
-
-
-class _UNetForTracing(torch.nn.Module):
-    """Positional inputs, plain tensor output: the form ``torch.jit.trace`` records."""
+    Called directly it is the eager backend; it is also the form
+    ``torch.jit.trace`` records.
+    """
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
@@ -314,8 +305,7 @@ def trace_unet(
     latent_height, latent_width = height // 8, width // 8
     if tolerance is None:
         tolerance = 1e-2 if components.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    wrapper = _UNetForTracing(components.unet).eval()
-    eager = EagerUNet(components.unet)
+    eager = EagerUNet(components.unet).eval()
     generator = torch.Generator().manual_seed(0)
     example = _example_inputs(
         components, trace_batch_size, latent_height, latent_width, text_lengths[0], generator
@@ -324,7 +314,7 @@ def trace_unet(
         # Shape-dependent Python branches in diffusers warn while tracing; the checks
         # below are what decide whether the trace is right.
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        traced = torch.jit.trace(eager, example, check_trace=False)
         # Pair the other batch sizes and text lengths up: every value is verified
         # at least once without running the cross product.
         batches = [*verify_batch_sizes, trace_batch_size]
