@@ -19,10 +19,10 @@ import re
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +37,7 @@ REQUEST_COLUMNS = (
     *("p50 ms", "p95 ms", "p99 ms", "max ms"),
 )
 _STATUS_RE = re.compile(r"HTTP (\d{3})")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ReportError(ValueError):
@@ -681,12 +682,37 @@ def write_report(
     return violations
 
 
+def threshold_options(command: F) -> F:
+    """The --max-* gate options shared by this command and the headless runner."""
+    options = [
+        click.option(
+            "--max-p95-ms",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Fail if any endpoint's p95 exceeds this.",
+        ),
+        click.option(
+            "--max-failure-rate",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Fail if the share of failed requests exceeds this (0-1).",
+        ),
+        click.option(
+            "--max-fell-behind-rate",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Fail if the share of listener hand-overs that fell behind exceeds this.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"show_default": True})
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--csv-prefix", default=CSV_PREFIX, help="The --csv prefix locust was given.")
-@click.option("--max-p95-ms", type=click.FloatRange(min=0), default=None)
-@click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=None)
-@click.option("--max-fell-behind-rate", type=click.FloatRange(0, 1), default=None)
+@threshold_options
 def main(
     folder: Path,
     csv_prefix: str,

@@ -29,7 +29,14 @@ import click
 import httpx
 from rich.console import Console
 
-from load_tests.report import CSV_PREFIX, METRICS_AFTER, METRICS_BEFORE, Thresholds, write_report
+from load_tests.report import (
+    CSV_PREFIX,
+    METRICS_AFTER,
+    METRICS_BEFORE,
+    Thresholds,
+    threshold_options,
+    write_report,
+)
 from load_tests.server import LocalServer, StartupError, executable, log_tail, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -283,24 +290,7 @@ def _default_output() -> Path:
     default=None,
     help="Output folder (default ./loadtest-report-<timestamp>).",
 )
-@click.option(
-    "--max-p95-ms",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Fail if any endpoint's p95 exceeds this.",
-)
-@click.option(
-    "--max-failure-rate",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Fail if the share of failed requests exceeds this (0-1).",
-)
-@click.option(
-    "--max-fell-behind-rate",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Fail if the share of listener hand-overs that fell behind exceeds this.",
-)
+@threshold_options
 @click.option(
     "--locust-arg",
     "locust_args",
