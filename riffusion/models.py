@@ -24,6 +24,8 @@ from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from riffusion.spectrogram import resolve_device
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "riffusion/riffusion-model-v1"
@@ -96,10 +98,6 @@ class RiffusionComponents:
         }
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (what the checkpoint was traced and served in), fp32 elsewhere."""
     return torch.float16 if device.type == "cuda" else torch.float32
@@ -108,7 +106,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def _resolve_device_dtype(
     device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
-    resolved_device = torch.device(device) if device is not None else default_device()
+    resolved_device = resolve_device(device)
     return resolved_device, dtype if dtype is not None else default_dtype(resolved_device)
 
 

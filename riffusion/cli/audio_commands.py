@@ -38,6 +38,7 @@ from riffusion.spectrogram import (
     SpectrogramParams,
     audio_from_image,
     image_from_audio,
+    resolve_device,
 )
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
@@ -47,7 +48,7 @@ EXPECTED_ERRORS = (AudioError, SpectrogramError, SeedImageError, OSError)
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device())
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
