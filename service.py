@@ -49,10 +49,10 @@ from riffusion.api_schemas import (
     ServiceSettings,
     TextToAudioRequest,
     data_url,
-    png_bytes,
 )
 from riffusion.audio import Audio, AudioError, encode_audio, read_audio
 from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
+from riffusion.spectrogram import encode_image
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -151,7 +151,7 @@ class RiffusionModel:
         for request, clip in zip(requests, clips, strict=True):
             timings = {**clip.timings, "queue": max(0.0, started - request.submitted_at)}
             results.append(
-                ModelResult.from_parts(png_bytes(clip.image), clip.audio, timings, len(requests))
+                ModelResult.from_parts(encode_image(clip.image), clip.audio, timings, len(requests))
             )
         if clips:
             # Every clip of a batch shares the UNet calls: one observation per batch.

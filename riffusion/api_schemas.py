@@ -8,7 +8,6 @@ fails validation with the offending field named in the error.
 from __future__ import annotations
 
 import base64
-import io
 import os
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -282,14 +281,6 @@ class ModelResult(BaseModel):
     def audio(self) -> Audio:
         flat = np.frombuffer(self.samples_f32, dtype="<f4")
         return Audio(samples=flat.reshape(self.channels, -1).copy(), sample_rate=self.sample_rate)
-
-
-def png_bytes(image: object) -> bytes:
-    """PNG bytes of a PIL image, keeping its EXIF (the spectrogram parameters)."""
-    buffer = io.BytesIO()
-    exif = image.getexif()  # type: ignore[attr-defined]
-    image.save(buffer, format="PNG", exif=exif)  # type: ignore[attr-defined]
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------ settings

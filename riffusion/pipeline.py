@@ -59,6 +59,7 @@ from riffusion.spectrogram import (
     INT16_FULL_SCALE,
     SpectrogramParams,
     get_converter,
+    image_from_pixels,
     mel_amplitudes_from_pixels,
 )
 from riffusion.unet_backends import UNetBackend, prepare_unet
@@ -375,15 +376,6 @@ class RiffusionPipeline:
         )  # (B, C, samples)
         return [(w / INT16_FULL_SCALE).cpu().numpy().astype(np.float32) for w in waveforms]
 
-    def _spectrogram_image(self, pixels: Tensor, amplitudes_max: float) -> PIL.Image.Image:
-        """uint8 (3, H, W) -> RGB image with the format's EXIF tags."""
-        image = PIL.Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), mode="RGB")
-        exif = image.getexif()
-        for tag, value in self.spectrogram_params.to_exif(max_value=amplitudes_max).items():
-            exif[tag] = value
-        image.info["exif"] = exif.tobytes()
-        return image
-
     # --- 5. the whole run ------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -424,7 +416,9 @@ class RiffusionPipeline:
                     total=time.perf_counter() - began,
                 )
                 clips[state.index] = GeneratedClip(
-                    image=self._spectrogram_image(pixels[row], float(amplitudes_max[row])),
+                    image=image_from_pixels(
+                        pixels[row], self.spectrogram_params, float(amplitudes_max[row])
+                    ),
                     audio=audio,
                     timings=timings,
                     latents=state.latents.detach().cpu(),

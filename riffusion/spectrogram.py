@@ -606,9 +606,14 @@ def image_from_mel_amplitudes(
             f"got {tensor.shape[1]}"
         )
     pixels = pixels_from_mel_amplitudes(tensor[None], params)[0]
+    return image_from_pixels(pixels, params, max_value=float(tensor.max()))
+
+
+def image_from_pixels(pixels: Tensor, params: SpectrogramParams, max_value: float) -> Image.Image:
+    """uint8 (3, H, W) pixels -> RGB image with the format's EXIF tags (``max_value`` in 11080)."""
     image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), mode="RGB")
     exif = image.getexif()
-    for tag, value in params.to_exif(max_value=float(tensor.max())).items():
+    for tag, value in params.to_exif(max_value=max_value).items():
         exif[tag] = value
     # Also in info, so copies of the image (which re-read info) keep the tags.
     image.info["exif"] = exif.tobytes()
