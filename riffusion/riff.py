@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from riffusion.schemas import (
     GenerationJob,
     PromptInput,
 )
-from riffusion.spectrogram import SpectrogramParams, image_from_audio
+from riffusion.spectrogram import SpectrogramParams, encode_image, image_from_audio
 
 CLIP_DURATION_S = 5.12
 OVERLAP_S = 0.2
@@ -66,11 +65,7 @@ def clip_init_image_png(clip: Audio, params: SpectrogramParams = DEFAULT_PARAMS)
         clip = Audio(np.concatenate([clip.samples, padding], axis=1), clip.sample_rate)
     image = image_from_audio(clip, params.replace(stereo=False))
     width = min(image.width // WIDTH_MULTIPLE * WIDTH_MULTIPLE, MAX_WIDTH)
-    exif = image.getexif()
-    cropped = image.crop((0, 0, width, image.height))
-    buffer = io.BytesIO()
-    cropped.save(buffer, format="PNG", exif=exif)
-    return buffer.getvalue()
+    return encode_image(image.crop((0, 0, width, image.height)))
 
 
 @dataclass(frozen=True)
