@@ -9,12 +9,13 @@ spectrogram images and audio. The steps, in order:
    guidance and denoising lerped, noise slerped between the two seeds' noise,
    the seed image VAE-encoded, the mask reduced to the latent grid, and a
    scheduler of the job's own;
-3. denoise jobs of the same latent shape together: at every iteration each
+3. denoise jobs of the same latent shape together (``denoise_step`` is one
+   iteration, which the real-time engine also drives): at every iteration each
    running job adds its latents twice (unconditional, conditional) to ONE UNet
    forward with a per-sample timestep, then steps its own scheduler, then
    re-applies its mask; jobs with fewer steps drop out early;
-4. decode all latents of a shape in one VAE call, read the pixels as mel
-   amplitudes and run one batched Griffin-Lim with a generator per job;
+4. ``finish``: decode all latents of a shape in one VAE call, read the pixels
+   as mel amplitudes and run one batched Griffin-Lim with a generator per job;
 5. normalise loudness and return one ``GeneratedClip`` per job, in job order.
 
 Per-job randomness comes from generators seeded by the job's own seeds and
@@ -305,7 +306,7 @@ class RiffusionPipeline:
         """Run every job's denoising loop; jobs of one latent shape share each UNet forward."""
         total = sum(state.num_steps for state in states)
         done = 0
-        for group in _group_by(states, lambda state: state.latent_shape).values():
+        for group in group_by(states, lambda state: state.latent_shape).values():
             began = time.perf_counter()
             running = [state for state in group if not state.finished]
             for state in group:
@@ -313,8 +314,8 @@ class RiffusionPipeline:
                     state.timings["denoise"] = 0.0
             while running:
                 # Jobs whose prompts need different numbers of CLIP windows cannot share a forward.
-                for batch in _group_by(running, lambda s: s.text_embeddings.shape[1]).values():
-                    self._denoise_step(batch)
+                for batch in group_by(running, lambda s: s.text_embeddings.shape[1]).values():
+                    self.denoise_step(batch)
                     done += len(batch)
                     if progress is not None:
                         progress(done, total)
@@ -323,8 +324,11 @@ class RiffusionPipeline:
                         state.timings["denoise"] = time.perf_counter() - began
                 running = [state for state in running if not state.finished]
 
-    def _denoise_step(self, batch: Sequence[JobState]) -> None:
-        """One UNet forward for ``batch`` (B jobs, 2B samples), then each job's own step."""
+    def denoise_step(self, batch: Sequence[JobState]) -> None:
+        """One UNet forward for ``batch`` (B jobs, 2B samples), then each job's own step.
+
+        The jobs must share a latent shape and a text length (``step_key``).
+        """
         latent_model_input = torch.cat(
             [s.schedule.scheduler.scale_model_input(s.latents, s.timestep) for s in batch]
         )  # (B, 4, h, w)
@@ -392,41 +396,56 @@ class RiffusionPipeline:
         self.denoise(states, progress)
 
         clips: dict[int, GeneratedClip] = {}
+        for group in group_by(states, lambda state: state.latent_shape).values():
+            for state, clip in zip(group, self.finish(group), strict=True):
+                clip.timings["total"] = time.perf_counter() - began
+                clips[state.index] = clip
+        return [clips[index] for index in range(len(jobs))]
+
+    def finish(self, group: Sequence[JobState]) -> list[GeneratedClip]:
+        """Decode finished jobs of one latent shape (one VAE call) and turn them into audio.
+
+        Timings cover the job's own stages; the caller adds ``total`` (it knows when the job began).
+        """
         params = self.spectrogram_params
-        for group in _group_by(states, lambda state: state.latent_shape).values():
-            latents = torch.cat([state.latents for state in group])  # (B, 4, h, w)
-            decode_began = time.perf_counter()
-            pixels = self.decode_pixels(latents)  # (B, 3, H, W) uint8
-            decode_s = time.perf_counter() - decode_began
+        latents = torch.cat([state.latents for state in group])  # (B, 4, h, w)
+        decode_began = time.perf_counter()
+        pixels = self.decode_pixels(latents)  # (B, 3, H, W) uint8
+        decode_s = time.perf_counter() - decode_began
 
-            griffin_lim_began = time.perf_counter()
-            generators = [torch.Generator("cpu").manual_seed(s.job.start.seed) for s in group]
-            waveforms = self.griffin_lim(pixels, generators)
-            griffin_lim_s = time.perf_counter() - griffin_lim_began
+        griffin_lim_began = time.perf_counter()
+        generators = [torch.Generator("cpu").manual_seed(s.job.start.seed) for s in group]
+        waveforms = self.griffin_lim(pixels, generators)
+        griffin_lim_s = time.perf_counter() - griffin_lim_began
 
-            amplitudes_max = mel_amplitudes_from_pixels(pixels.cpu(), params).amax(dim=(1, 2, 3))
-            for row, state in enumerate(group):
-                audio = normalize_loudness(Audio(waveforms[row], params.sample_rate))
-                timings = dict(state.timings)
-                steps = max(state.num_steps, 1)
-                timings.update(
-                    denoise_per_step=timings.get("denoise", 0.0) / steps,
-                    decode=decode_s,
-                    griffin_lim=griffin_lim_s,
-                    total=time.perf_counter() - began,
-                )
-                clips[state.index] = GeneratedClip(
-                    image=image_from_pixels(
-                        pixels[row], self.spectrogram_params, float(amplitudes_max[row])
-                    ),
+        amplitudes_max = mel_amplitudes_from_pixels(pixels.cpu(), params).amax(dim=(1, 2, 3))
+        clips = []
+        for row, state in enumerate(group):
+            audio = normalize_loudness(Audio(waveforms[row], params.sample_rate))
+            timings = dict(state.timings)
+            steps = max(state.num_steps, 1)
+            timings.update(
+                denoise_per_step=timings.get("denoise", 0.0) / steps,
+                decode=decode_s,
+                griffin_lim=griffin_lim_s,
+            )
+            clips.append(
+                GeneratedClip(
+                    image=image_from_pixels(pixels[row], params, float(amplitudes_max[row])),
                     audio=audio,
                     timings=timings,
                     latents=state.latents.detach().cpu(),
                 )
-        return [clips[index] for index in range(len(jobs))]
+            )
+        return clips
 
 
-def _group_by(items: Sequence[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
+def step_key(state: JobState) -> tuple[int, int, int]:
+    """Jobs with equal keys can share a UNet forward: latent height, width and text length."""
+    return (*state.latent_shape, int(state.text_embeddings.shape[1]))
+
+
+def group_by(items: Sequence[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
     """Items grouped by ``key``, groups and members in first-seen order."""
     groups: dict[Any, list[Any]] = {}
     for item in items:

@@ -1,0 +1,457 @@
+"""Real-time engine: step-level continuous batching with deadlines and cancellation.
+
+One thread owns the pipeline on its device and repeats, at every step boundary:
+
+1. take new submissions into the waiting queue (ordered by deadline: earliest first);
+2. drop jobs whose caller went away (cancelled) or whose deadline has passed (expired),
+   waiting or running: they stop using the UNet within one step;
+3. admit waiting jobs, earliest deadline first, while fewer than ``max_batch_size``
+   run; admission prepares the job (text embeddings, seed-image latents, scheduler);
+4. run ONE denoising step for every running job: one UNet forward per group of jobs
+   that share a latent shape and text length, each job at its own timestep;
+5. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
+   thread of its own (``postprocess="thread"``) or between steps (``"inline"``).
+
+Submitting refuses a job at once (``JobRefused``, with a retry hint) when its deadline
+cannot be met, predicted from the measured step time, the jobs ahead of it and its
+own steps. A job's result does not depend on when it joined or who it ran with: every
+job keeps its own scheduler, noise and generators, and the UNet sees per-sample
+timesteps. A failing job fails alone; its batch-mates carry on.
+
+The engine knows nothing of HTTP or metrics: it reports through an ``EngineObserver``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from riffusion.latents import lerp_float
+from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
+from riffusion.schemas import GenerationJob
+
+logger = logging.getLogger(__name__)
+
+PostProcessMode = Literal["thread", "inline"]
+# Weight of the newest sample in the step-time and post-processing averages.
+EWMA_WEIGHT = 0.2
+
+
+class JobRefused(Exception):
+    """The job's deadline cannot be met now; ``retry_after_s`` says when capacity may free up."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class JobExpired(Exception):
+    """The job's deadline passed before it finished denoising."""
+
+
+class JobCancelled(Exception):
+    """The caller cancelled the job."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no more jobs."""
+
+
+@dataclass
+class EngineConfig:
+    """How the engine batches and post-processes."""
+
+    max_batch_size: int = 8  # most jobs per denoising step (each is 2 UNet samples)
+    postprocess: PostProcessMode = "thread"
+    default_timeout_s: float = 300.0  # deadline of a job submitted without one
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.default_timeout_s <= 0:
+            raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
+
+
+class EngineObserver:
+    """Hooks the engine calls (from its own threads); the default does nothing."""
+
+    def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
+        """One denoising step ran for ``batch_size`` jobs."""
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        """Queue lengths changed."""
+
+    def on_admitted(self, wait_s: float) -> None:
+        """A job started denoising ``wait_s`` after it was submitted."""
+
+    def on_outcome(self, outcome: str, unet_samples: int) -> None:
+        """A job left: completed, refused, expired, cancelled or failed, after ``unet_samples``."""
+
+    def on_deadline_miss(self, late_s: float) -> None:
+        """A job was answered ``late_s`` after its deadline."""
+
+
+@dataclass(eq=False)
+class EngineJob:
+    """A submitted job and its progress; ``future`` resolves to the clip or an exception."""
+
+    id: str
+    job: GenerationJob
+    deadline: float  # time.monotonic()
+    submitted_at: float  # time.monotonic()
+    expected_steps: int
+    future: Future[GeneratedClip] = field(default_factory=Future)
+    state: JobState | None = None
+    admitted_at: float | None = None  # time.monotonic() of its first step
+    cancel_requested: bool = False
+    answered: bool = False
+
+    @property
+    def steps_done(self) -> int:
+        return self.state.steps_done if self.state is not None else 0
+
+    @property
+    def steps_left(self) -> int:
+        return self.expected_steps - self.steps_done
+
+    @property
+    def unet_samples(self) -> int:
+        """UNet samples spent on this job so far (two per step: guidance's two branches)."""
+        return 2 * self.steps_done
+
+    @property
+    def wants_out(self) -> bool:
+        return self.cancel_requested or self.future.cancelled()
+
+
+def expected_steps(job: GenerationJob) -> int:
+    """Denoising steps ``job`` will run (img2img runs the last ``steps * denoising``)."""
+    if not job.is_img2img:
+        return job.num_inference_steps
+    alpha = job.alpha if job.end is not None else 0.0
+    denoising = lerp_float(job.start.denoising, job.end_or_start.denoising, alpha)
+    return min(int(job.num_inference_steps * denoising), job.num_inference_steps)
+
+
+class StepTimes:
+    """Measured seconds per denoising step by batch size, for predicting finish times."""
+
+    def __init__(self) -> None:
+        self._by_batch: dict[int, float] = {}
+        self.postprocess_s = 0.0
+
+    @property
+    def measured(self) -> bool:
+        return bool(self._by_batch)
+
+    def observe(self, batch_size: int, seconds: float) -> None:
+        self._by_batch[batch_size] = _ewma(self._by_batch.get(batch_size), seconds)
+
+    def observe_postprocess(self, seconds: float) -> None:
+        self.postprocess_s = _ewma(self.postprocess_s or None, seconds)
+
+    def step_s(self, batch_size: int) -> float:
+        """Seconds per step at ``batch_size``: measured, else scaled from the nearest size."""
+        if batch_size in self._by_batch:
+            return self._by_batch[batch_size]
+        if not self._by_batch:
+            return 0.0
+        smaller = [b for b in self._by_batch if b < batch_size]
+        if smaller:  # a step costs at most linearly more with more jobs
+            nearest = max(smaller)
+            return self._by_batch[nearest] * batch_size / nearest
+        return self._by_batch[min(self._by_batch)]  # and no more for fewer jobs
+
+
+class Engine:
+    """Continuous batching over a ``RiffusionPipeline``; ``submit`` from any thread."""
+
+    def __init__(
+        self,
+        pipeline: RiffusionPipeline,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.step_times = StepTimes()
+        self._lock = threading.Condition()
+        self._inbox: list[EngineJob] = []
+        self._waiting: list[tuple[float, int, EngineJob]] = []  # heap by (deadline, order)
+        self._running: list[EngineJob] = []
+        self._jobs: dict[str, EngineJob] = {}
+        self._order = itertools.count()
+        self._stopping = False
+        self._postprocess_queue: queue.Queue[list[EngineJob] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._loop, name="riffusion-engine", daemon=True)]
+        if self.config.postprocess == "thread":
+            self._threads.append(
+                threading.Thread(
+                    target=self._postprocess_loop, name="riffusion-postprocess", daemon=True
+                )
+            )
+        for thread in self._threads:
+            thread.start()
+
+    # --- the caller's side -----------------------------------------------------------------------
+
+    def submit(
+        self,
+        job: GenerationJob,
+        timeout_s: float | None = None,
+        job_id: str | None = None,
+    ) -> EngineJob:
+        """Queue ``job`` to finish within ``timeout_s``; raises ``JobRefused`` if it cannot."""
+        now = time.monotonic()
+        timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
+        entry = EngineJob(
+            id=job_id or uuid.uuid4().hex,
+            job=job,
+            deadline=now + timeout,
+            submitted_at=now,
+            expected_steps=expected_steps(job),
+        )
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            predicted_s, start_s = self._predict(entry)
+            if predicted_s > timeout:
+                self.observer.on_outcome("refused", 0)
+                raise JobRefused(
+                    f"cannot finish within {timeout:.1f} s (predicted {predicted_s:.1f} s: "
+                    f"{start_s:.1f} s until a batch slot frees, then {entry.expected_steps} steps)",
+                    retry_after_s=max(1.0, math.ceil(predicted_s - timeout)),
+                )
+            self._jobs[entry.id] = entry
+            self._inbox.append(entry)
+            self._lock.notify_all()
+        return entry
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the engine to drop ``job_id`` at the next step boundary; False if unknown."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is None:
+                return False
+            entry.cancel_requested = True
+            self._lock.notify_all()
+        return True
+
+    def queue_lengths(self) -> tuple[int, int]:
+        """(waiting, running) jobs right now."""
+        with self._lock:
+            return len(self._inbox) + len(self._waiting), len(self._running)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish running and waiting jobs that still can, refuse new ones, join the threads."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    def _predict(self, entry: EngineJob) -> tuple[float, float]:
+        """(seconds to finish ``entry``, seconds until it starts), from measured step times.
+
+        Simulates the batch slots: running jobs hold theirs for their remaining steps,
+        jobs with earlier deadlines take the next free ones. Zero before any measurement.
+        """
+        times = self.step_times
+        if not times.measured:
+            return 0.0, 0.0
+        ahead = [e for _, _, e in self._waiting if e.deadline <= entry.deadline]
+        ahead += [e for e in self._inbox if e.deadline <= entry.deadline]
+        batch = min(self.config.max_batch_size, len(self._running) + len(ahead) + 1)
+        step_s = times.step_s(batch)
+        slots = [e.steps_left * step_s for e in self._running]
+        slots += [0.0] * (self.config.max_batch_size - len(slots))
+        heapq.heapify(slots)
+        for other in sorted(ahead, key=lambda e: e.deadline):
+            heapq.heappush(slots, heapq.heappop(slots) + other.expected_steps * step_s)
+        start_s = slots[0]
+        return start_s + entry.expected_steps * step_s + times.postprocess_s, start_s
+
+    # --- the engine thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    # 1. new submissions join the deadline-ordered waiting queue
+                    for entry in self._inbox:
+                        heapq.heappush(self._waiting, (entry.deadline, next(self._order), entry))
+                    self._inbox.clear()
+                    if not self._running and not self._waiting:
+                        if self._stopping:
+                            break
+                        self.observer.on_queue(0, 0)
+                        self._lock.wait()
+                        continue
+                now = time.monotonic()
+                self._drop_unwanted(now)  # 2.
+                self._admit(now)  # 3.
+                self._report_queue()
+                if self._running:
+                    finished = self._step()  # 4.
+                    if finished:
+                        self._postprocess(finished)  # 5.
+        self._postprocess_queue.put(None)
+
+    def _drop_unwanted(self, now: float) -> None:
+        """Resolve cancelled and expired jobs, waiting or running, so they stop using the UNet."""
+        with self._lock:
+            kept: list[tuple[float, int, EngineJob]] = []
+            for item in self._waiting:
+                if not self._dropped(item[2], now):
+                    kept.append(item)
+            if len(kept) != len(self._waiting):
+                heapq.heapify(kept)
+                self._waiting = kept
+            self._running = [e for e in self._running if not self._dropped(e, now)]
+
+    def _dropped(self, entry: EngineJob, now: float) -> bool:
+        if entry.wants_out:
+            self._resolve(entry, "cancelled", JobCancelled(f"job {entry.id} was cancelled"))
+            return True
+        if now >= entry.deadline:
+            self._resolve(
+                entry,
+                "expired",
+                JobExpired(
+                    f"job {entry.id} missed its deadline after {entry.steps_done} of "
+                    f"{entry.expected_steps} steps"
+                ),
+            )
+            return True
+        return False
+
+    def _admit(self, now: float) -> None:
+        """Prepare waiting jobs, earliest deadline first, into the free batch slots."""
+        while len(self._running) < self.config.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    return
+                _, _, entry = heapq.heappop(self._waiting)
+            try:
+                entry.state = self.pipeline.prepare(entry.job)
+            except Exception as error:  # one bad job fails alone
+                logger.warning("job %s failed to prepare: %s", entry.id, error)
+                self._resolve(entry, "failed", error)
+                continue
+            entry.expected_steps = entry.state.num_steps
+            entry.admitted_at = time.monotonic()
+            self.observer.on_admitted(entry.admitted_at - entry.submitted_at)
+            if entry.state.finished:  # zero denoising steps: straight to post-processing
+                self._postprocess([entry])
+            else:
+                self._running.append(entry)
+
+    def _step(self) -> list[EngineJob]:
+        """One denoising step for every running job; returns the jobs that just finished."""
+        began = time.perf_counter()
+        batch_size = len(self._running)
+        by_state = {id(e.state): e for e in self._running}
+        states = [e.state for e in self._running if e.state is not None]
+        for group in group_by(states, step_key).values():
+            self._step_group(group, by_state)
+        seconds = time.perf_counter() - began
+        self.step_times.observe(batch_size, seconds)
+        self.observer.on_step(batch_size, seconds, 2 * batch_size)
+        finished = [e for e in self._running if not e.answered and e.state.finished]  # type: ignore[union-attr]
+        self._running = [e for e in self._running if not e.answered and e not in finished]
+        return finished
+
+    def _step_group(self, group: list[JobState], by_state: dict[int, EngineJob]) -> None:
+        """One UNet forward for ``group``; if it raises, each job retries alone and fails alone."""
+        steps_before = [state.steps_done for state in group]
+        try:
+            self.pipeline.denoise_step(group)
+            return
+        except Exception as error:
+            if len(group) == 1:
+                self._resolve(by_state[id(group[0])], "failed", error)
+                return
+            logger.warning(
+                "a batched step failed (%s); stepping its %d jobs alone", error, len(group)
+            )
+        for state, steps in zip(group, steps_before, strict=True):
+            if state.steps_done != steps:  # stepped before the failure
+                continue
+            try:
+                self.pipeline.denoise_step([state])
+            except Exception as error:
+                self._resolve(by_state[id(state)], "failed", error)
+
+    def _report_queue(self) -> None:
+        with self._lock:
+            waiting = len(self._waiting) + len(self._inbox)
+        self.observer.on_queue(waiting, len(self._running))
+
+    # --- post-processing -------------------------------------------------------------------------
+
+    def _postprocess(self, entries: list[EngineJob]) -> None:
+        if self.config.postprocess == "thread":
+            self._postprocess_queue.put(entries)
+        else:
+            self._finish(entries)
+
+    def _postprocess_loop(self) -> None:
+        with torch.inference_mode():
+            while (entries := self._postprocess_queue.get()) is not None:
+                self._finish(entries)
+
+    def _finish(self, entries: Sequence[EngineJob]) -> None:
+        """Decode and vocode finished jobs (one VAE call per latent shape), then answer them."""
+        live = [e for e in entries if e.state is not None]
+        for group in group_by(live, lambda e: e.state.latent_shape).values():
+            began = time.perf_counter()
+            try:
+                clips = self.pipeline.finish([e.state for e in group])
+            except Exception as error:
+                if len(group) > 1:  # find the job that breaks it; the others still get answers
+                    for entry in group:
+                        self._finish([entry])
+                    continue
+                self._resolve(group[0], "failed", error)
+                continue
+            self.step_times.observe_postprocess((time.perf_counter() - began) / len(group))
+            now = time.monotonic()
+            for entry, clip in zip(group, clips, strict=True):
+                clip.timings["queue"] = (entry.admitted_at or now) - entry.submitted_at
+                clip.timings["total"] = now - entry.submitted_at
+                if now > entry.deadline:
+                    self.observer.on_deadline_miss(now - entry.deadline)
+                self._resolve(entry, "completed", clip)
+
+    def _resolve(self, entry: EngineJob, outcome: str, result: GeneratedClip | Exception) -> None:
+        """Answer ``entry`` exactly once and forget it."""
+        with self._lock:
+            if entry.answered:
+                return
+            entry.answered = True
+            self._jobs.pop(entry.id, None)
+        try:
+            if isinstance(result, Exception):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(result)
+        except InvalidStateError:  # the caller cancelled the future itself
+            outcome = "cancelled"
+        self.observer.on_outcome(outcome, entry.unet_samples)
+
+
+def _ewma(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + EWMA_WEIGHT * (sample - previous)

@@ -1,0 +1,299 @@
+"""The real-time engine on the tiny model (CPU, fp32): joining, deadlines, cancellation.
+
+Step times on the tiny model are a few milliseconds, too fast to stop a job
+"mid-way" reliably, so most tests use ``PacedPipeline``: the same pipeline with
+a fixed pause after every denoising step, standing in for a slower device.
+Results are compared with the pipeline's own ``run`` at the batch-invariance
+tolerance of tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from riffusion.engine import (
+    Engine,
+    EngineConfig,
+    EngineObserver,
+    JobCancelled,
+    JobExpired,
+    JobRefused,
+    expected_steps,
+)
+from riffusion.models import build_tiny_components
+from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline
+from riffusion.schemas import GenerationJob, PromptInput
+from riffusion.seed_images import SeedImageLibrary
+from riffusion.spectrogram import SpectrogramParams
+from tests.test_pipeline import write_library
+
+LATENT_ATOL = 1e-4
+STEP_PAUSE_S = 0.03
+
+
+class PacedPipeline(RiffusionPipeline):
+    """The tiny pipeline, pausing after every step; can be told to fail on a prompt."""
+
+    poison_prompt: str | None = None
+
+    def denoise_step(self, batch: Sequence[JobState]) -> None:
+        if any(state.job.start.prompt == self.poison_prompt for state in batch):
+            raise RuntimeError("poisoned job")
+        super().denoise_step(batch)
+        time.sleep(STEP_PAUSE_S)
+
+
+class Recorder(EngineObserver):
+    """Counts outcomes and remembers batch sizes per step."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.samples_by_outcome: Counter[str] = Counter()
+        self.batch_sizes: list[int] = []
+        self.steps = threading.Semaphore(0)
+        self.lock = threading.Lock()
+
+    def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
+        self.batch_sizes.append(batch_size)
+        self.steps.release()
+
+    def on_outcome(self, outcome: str, unet_samples: int) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            self.samples_by_outcome[outcome] += unet_samples
+
+    def wait_steps(self, count: int) -> None:
+        for _ in range(count):
+            assert self.steps.acquire(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> SeedImageLibrary:
+    return write_library(tmp_path_factory.mktemp("seed_images"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(library: SeedImageLibrary) -> PacedPipeline:
+    return PacedPipeline(
+        build_tiny_components(device="cpu"),
+        seed_images=library,
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
+    )
+
+
+def make_engine(
+    pipeline: RiffusionPipeline, max_batch_size: int = 4, postprocess: str = "inline"
+) -> tuple[Engine, Recorder]:
+    recorder = Recorder()
+    config = EngineConfig(max_batch_size=max_batch_size, postprocess=postprocess)  # type: ignore[arg-type]
+    return Engine(pipeline, config, recorder), recorder
+
+
+def job(
+    prompt: str = "smooth jazz",
+    seed: int = 1,
+    steps: int = 8,
+    negative_prompt: str | None = None,
+    **fields: object,
+) -> GenerationJob:
+    start = PromptInput(
+        prompt=prompt, seed=seed, negative_prompt=negative_prompt, guidance=6.0, denoising=0.75
+    )
+    values: dict[str, object] = {
+        "start": start,
+        "num_inference_steps": steps,
+        "width": 64,
+    }
+    values.update(fields)
+    return GenerationJob.model_validate(values)
+
+
+def assert_close(a: GeneratedClip, b: GeneratedClip) -> None:
+    assert torch.allclose(a.latents, b.latents, atol=LATENT_ATOL)
+    diff = np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16))
+    assert diff.max() <= 1
+
+
+def test_a_job_that_joins_mid_way_matches_the_job_alone(pipeline: PacedPipeline) -> None:
+    first = job("church bells", seed=3, steps=12)
+    joiner = job("(heavy:1.3) drums", seed=4, steps=6, negative_prompt="vocals")
+    img2img = job("marimba", seed=5, steps=10, seed_image_id="narrow_beat")
+    alone = pipeline.run([first, joiner, img2img])  # each job's reference (batch-invariant)
+
+    engine, recorder = make_engine(pipeline)
+    try:
+        running = engine.submit(first)
+        recorder.wait_steps(4)  # first is 4 steps in when the others join
+        joined = engine.submit(joiner)
+        joined_img2img = engine.submit(img2img)
+        clips = [e.future.result(timeout=60) for e in (running, joined, joined_img2img)]
+    finally:
+        engine.stop()
+    for clip, reference in zip(clips, alone, strict=True):
+        assert_close(clip, reference)
+    # They really shared forwards: some steps ran more than one job.
+    assert max(recorder.batch_sizes) >= 2
+    assert recorder.outcomes == {"completed": 3}
+
+
+def test_same_job_twice_is_deterministic_and_joining_at_step_zero_changes_nothing(
+    pipeline: PacedPipeline,
+) -> None:
+    a, b = job("vibraphone", seed=8, steps=5), job("motorway groove", seed=9, steps=5)
+    engine, _ = make_engine(pipeline)
+    try:
+        together = [engine.submit(a), engine.submit(b)]
+        clip_a, clip_b = (e.future.result(timeout=60) for e in together)
+        again, once_more = (engine.submit(a).future.result(timeout=60) for _ in range(2))
+    finally:
+        engine.stop()
+    # Alone twice: bit-identical. Decoded beside b: the same within the batch tolerance.
+    assert torch.equal(again.latents, once_more.latents)
+    assert np.array_equal(again.audio.samples, once_more.audio.samples)
+    assert torch.equal(clip_a.latents, again.latents)
+    assert_close(clip_a, again)
+    [alone_b] = pipeline.run([b])
+    assert_close(clip_b, alone_b)
+
+
+def test_waiting_jobs_are_admitted_earliest_deadline_first(pipeline: PacedPipeline) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    order: list[str] = []
+    try:
+        blocker = engine.submit(job("blocker", steps=6))
+        recorder.wait_steps(1)
+        # Submitted latest-deadline first; one slot, so they run one by one.
+        entries = [
+            engine.submit(job(f"job {timeout}", steps=2), timeout_s=timeout, job_id=str(timeout))
+            for timeout in (300.0, 200.0, 250.0, 100.0)
+        ]
+        for entry in entries:
+            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
+        for entry in [blocker, *entries]:
+            entry.future.result(timeout=60)
+    finally:
+        engine.stop()
+    assert order == ["100.0", "200.0", "250.0", "300.0"]
+
+
+def test_a_job_that_cannot_meet_its_deadline_is_refused_at_once(pipeline: PacedPipeline) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    try:
+        engine.submit(job(steps=3)).future.result(timeout=60)  # measures the step time
+        busy = engine.submit(job("long one", steps=40))
+        recorder.wait_steps(1)
+        began = time.monotonic()
+        # 40 steps ahead of it in the only slot: about 40 x 30 ms before it could start.
+        with pytest.raises(JobRefused) as refused:
+            engine.submit(job(steps=5), timeout_s=0.5)
+        assert time.monotonic() - began < 0.1
+        assert refused.value.retry_after_s >= 1
+        assert "cannot finish within 0.5 s" in str(refused.value)
+        # A generous deadline is accepted and met.
+        engine.submit(job(steps=2), timeout_s=60).future.result(timeout=60)
+        busy.future.result(timeout=60)
+    finally:
+        engine.stop()
+    assert recorder.outcomes["refused"] == 1
+
+
+def test_a_job_past_its_deadline_stops_using_the_unet(pipeline: PacedPipeline) -> None:
+    engine, recorder = make_engine(pipeline)
+    try:
+        # Before any step was measured nothing is refused, so this is accepted...
+        late = engine.submit(job(steps=100), timeout_s=0.3)
+        with pytest.raises(JobExpired, match="missed its deadline"):
+            late.future.result(timeout=60)
+    finally:
+        engine.stop()
+    # ...and dropped after about 0.3 s / 30 ms = 10 of its 100 steps.
+    assert 0 < late.steps_done < 50
+    assert recorder.outcomes == {"expired": 1}
+
+
+def test_cancelled_jobs_leave_within_one_step_and_batch_mates_finish(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline)
+    try:
+        keep = engine.submit(job("keeper", steps=10))
+        drop = engine.submit(job("abandoned", steps=100))
+        recorder.wait_steps(3)
+        assert engine.cancel(drop.id)
+        steps_at_cancel = drop.steps_done
+        with pytest.raises(JobCancelled):
+            drop.future.result(timeout=30)
+        keep.future.result(timeout=60)
+        # Cancelling the future itself (an asyncio caller going away) works the same way.
+        gone = engine.submit(job("gone", steps=100))
+        recorder.wait_steps(2)
+        assert gone.future.cancel()
+        keep_again = engine.submit(job("keeper 2", steps=3))
+        keep_again.future.result(timeout=60)
+    finally:
+        engine.stop()
+    assert drop.steps_done <= steps_at_cancel + 1
+    assert gone.steps_done < 100
+    assert recorder.outcomes == {"completed": 2, "cancelled": 2}
+    assert engine.cancel(drop.id) is False  # answered jobs are forgotten
+
+
+def test_a_failing_job_fails_alone(pipeline: PacedPipeline) -> None:
+    engine, recorder = make_engine(pipeline)
+    pipeline.poison_prompt = "poison"
+    try:
+        mates = [engine.submit(job(f"mate {i}", seed=i, steps=4)) for i in range(3)]
+        bad = engine.submit(job("poison", steps=4))
+        too_long = engine.submit(job("a " * 499 + "a", steps=4))  # 500 tokens: > 3 CLIP windows
+        with pytest.raises(RuntimeError, match="poisoned"):
+            bad.future.result(timeout=60)
+        with pytest.raises(ValueError):
+            too_long.future.result(timeout=60)
+        clips = [m.future.result(timeout=60) for m in mates]
+    finally:
+        pipeline.poison_prompt = None
+        engine.stop()
+    alone = pipeline.run([m.job for m in mates])
+    for clip, reference in zip(clips, alone, strict=True):
+        assert_close(clip, reference)
+    assert recorder.outcomes == {"completed": 3, "failed": 2}
+
+
+@pytest.mark.parametrize("postprocess", ["thread", "inline"])
+def test_a_burst_of_concurrent_submissions_is_answered_exactly_once(
+    pipeline: PacedPipeline, postprocess: str
+) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=3, postprocess=postprocess)
+    entries = []
+    lock = threading.Lock()
+
+    def submit(i: int) -> None:
+        entry = engine.submit(job(f"burst {i % 4}", seed=i, steps=2 + i % 3), job_id=f"job-{i}")
+        with lock:
+            entries.append(entry)
+
+    try:
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results = [e.future.result(timeout=120) for e in entries]
+    finally:
+        engine.stop()
+    assert len({e.id for e in entries}) == 16 and len(results) == 16
+    assert recorder.outcomes == {"completed": 16}
+    assert max(recorder.batch_sizes) <= 3
+    assert engine.queue_lengths() == (0, 0)
+
+
+def test_expected_steps_follow_img2img_denoising() -> None:
+    assert expected_steps(job(steps=50)) == 50
+    assert expected_steps(job(steps=50, seed_image_id="og_beat")) == 37  # int(50 * 0.75)
