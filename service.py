@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import aiohttp
 import anyio
@@ -53,17 +53,11 @@ from riffusion.api_schemas import (
 from riffusion.audio import Audio, AudioError, encode_audio, read_audio
 from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
 from riffusion.spectrogram import encode_image
-
-if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+from serving.errors import ModelOverloaded, error_response, failed
+from serving.http import UPLOAD_OVERHEAD_BYTES, ApiKeyMiddleware, BodySizeLimitMiddleware
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings.from_env()
-
-# Routes open without an API key: orchestrator probes and Prometheus scrapes.
-PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
-# Multipart framing around the uploaded file.
-UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 # --------------------------------------------------------------------- metrics
 # Names are a contract (dashboards, autoscaler, load tests parse them). BentoML
@@ -157,76 +151,6 @@ class RiffusionModel:
             # Every clip of a batch shares the UNet calls: one observation per batch.
             DENOISE_STEP.observe(clips[0].timings.get("denoise_per_step", 0.0))
         return results
-
-
-# ---------------------------------------------------------------- errors / auth
-def error_response(
-    status: int, field: str | None, message: str, headers: dict[str, str] | None = None
-) -> Any:
-    """JSON error in the same shape as BentoML's validation errors, naming the field."""
-    loc = [field] if field else []
-    body = {
-        "error": f"{field}: {message}" if field else message,
-        "detail": [{"loc": loc, "msg": message, "type": HTTPStatus(status).phrase}],
-    }
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _failed(ctx: bentoml.Context, response: JSONResponse) -> Any:
-    """Return an error from an API that takes ``ctx``: BentoML applies ctx's status code."""
-    ctx.response.status_code = response.status_code
-    return response
-
-
-class ApiKeyMiddleware:
-    """Bearer-token check on every route but health checks and metrics (when a key is set)."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] in PUBLIC_PATHS
-            or scope["method"] == "OPTIONS"  # CORS preflight carries no credentials
-        ):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if headers.get(b"authorization") != self.expected:
-            response = error_response(
-                401, "authorization", "missing or wrong API key (expected 'Bearer <key>')"
-            )
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-class BodySizeLimitMiddleware:
-    """Rejects bodies whose declared length is over the upload limit before reading them."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                field = "audio" if scope["path"].rstrip("/") == "/audio_to_audio" else "body"
-                limit_mb = (self.max_bytes - UPLOAD_OVERHEAD_BYTES) / 2**20
-                response = error_response(
-                    413, field, f"request body over the {limit_mb:.1f} MiB upload limit"
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class ModelOverloaded(Exception):
-    """The model service refused or timed out a clip: answer 503 instead of waiting."""
 
 
 # --------------------------------------------------------------- extra routes
@@ -396,10 +320,10 @@ class Riffusion:
         request = RunInferenceRequest.model_validate(fields)
         error = self._check_image_ids(request.seed_image_id, request.mask_image_id)
         if error is not None:
-            return _failed(ctx, error)
+            return failed(ctx, error)
         results, error = await self._generate_or_error([request.to_job()])
         if error is not None:
-            return _failed(ctx, error)
+            return failed(ctx, error)
         [result] = results
         response = await anyio.to_thread.run_sync(_web_app_payload, result)
         ctx.response.metadata.update(self._timing_headers(results))
@@ -477,7 +401,7 @@ class Riffusion:
         request = InterpolateRequest.model_validate(fields)
         error = self._check_image_ids(request.seed_image_id, request.mask_image_id)
         if error is not None:
-            return _failed(ctx, error)
+            return failed(ctx, error)
         jobs = interpolation_jobs(
             request.start,
             request.end,
@@ -488,7 +412,7 @@ class Riffusion:
         )
         results, error = await self._generate_or_error(jobs)
         if error is not None:
-            return _failed(ctx, error)
+            return failed(ctx, error)
         audio = stitch_clips([r.audio() for r in results], OVERLAP_S)
         payload = await anyio.to_thread.run_sync(encode_audio, audio, request.format)
         ctx.response.metadata.update(self._timing_headers(results))
