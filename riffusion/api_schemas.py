@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from riffusion.audio import Audio
 from riffusion.schemas import (
@@ -40,6 +40,9 @@ AUDIO_MEDIA_TYPES: dict[str, str] = {
 MIN_DURATION_S = MIN_WIDTH / 100
 MAX_DURATION_S = MAX_WIDTH / 100
 MAX_INTERPOLATION_CLIPS = 16
+# The web app steps alpha by 0.25 in floating point and rolls over only above
+# 1 + 1e-3, so it sends values such as 1.0000000000000002: accepted and clamped.
+ALPHA_TOLERANCE = 1e-3
 
 _WEB_APP_EXAMPLE: Any = {
     "alpha": 0.75,
@@ -73,7 +76,11 @@ class RunInferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": _WEB_APP_EXAMPLE})
 
     alpha: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="Interpolation position: 0 = start, 1 = end."
+        default=0.0,
+        ge=-ALPHA_TOLERANCE,
+        le=1.0 + ALPHA_TOLERANCE,
+        description="Interpolation position: 0 = start, 1 = end "
+        f"(values within {ALPHA_TOLERANCE:g} outside [0, 1] are clamped).",
     )
     num_inference_steps: int = Field(
         default=50, ge=MIN_STEPS, le=MAX_STEPS, description="Denoising steps."
@@ -86,12 +93,24 @@ class RunInferenceRequest(BaseModel):
     mask_image_id: str | None = Field(
         default=None,
         pattern=ID_PATTERN,
-        description="Optional mask: white regions are repainted, black regions kept.",
+        description="Optional mask: white regions are repainted, black regions kept; "
+        'null or "" means no mask.',
     )
     start: PromptInput
     end: PromptInput | None = Field(
         default=None, description="Interpolation target; omitted means the start input."
     )
+
+    @field_validator("alpha")
+    @classmethod
+    def _clamp_alpha(cls, alpha: float) -> float:
+        return min(max(alpha, 0.0), 1.0)
+
+    @field_validator("mask_image_id", mode="before")
+    @classmethod
+    def _empty_mask_is_none(cls, mask_image_id: Any) -> Any:
+        # The web app sends "" for ?maskImageId=none; riffusion's server read it as no mask.
+        return None if mask_image_id == "" else mask_image_id
 
     def to_job(self) -> GenerationJob:
         return GenerationJob(

@@ -6,9 +6,13 @@ across one 512-px model clip (5.12 s), so clips generated from it loop and
 consecutive clips stay on the beat. Masks are 512x512 greyscale images for
 inpainting: white = repaint, black = keep.
 
+A library folder is either the project's layout (``manifest.json`` listing
+every image) or riffusion's own (``<id>.png`` seeds and ``mask_*.png`` masks,
+no manifest): there the ids are the file stems found in the folder.
+
 Lookup is by id only: an id must match ``schemas.ID_PATTERN`` and be listed in
-the manifest, and the manifest's file names are plain ``<name>.png`` names, so
-no id can reach a path outside the folder.
+the manifest (or found in the folder listing), and file names are plain
+``<name>.png`` names, so no id can reach a path outside the folder.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from PIL import Image
 
 from riffusion.loop_synth import LoopPattern, synthesize_loop
 from riffusion.schemas import is_valid_image_id
-from riffusion.spectrogram import SpectrogramConverter, SpectrogramParams, image_from_mel_amplitudes
+from riffusion.spectrogram import (
+    SpectrogramConverter,
+    SpectrogramParams,
+    image_from_mel_amplitudes,
+)
 
 ImageKind = Literal["seed", "mask"]
 KINDS: tuple[ImageKind, ...] = ("seed", "mask")
@@ -103,28 +111,21 @@ class SeedImageInfo:
 
 
 class SeedImageLibrary:
-    """Seed and mask images listed in ``<directory>/manifest.json``."""
+    """Seed and mask images listed in ``<directory>/manifest.json``, or found in a
+    riffusion-layout folder without a manifest (``<id>.png`` seeds, ``mask_*.png`` masks).
+    """
 
     def __init__(self, directory: Path | str | None = None) -> None:
         self.directory = Path(directory) if directory is not None else _default_directory()
         manifest_path = self.directory / MANIFEST_NAME
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SeedImageError(
-                f"no seed-image manifest at {manifest_path}; "
-                "create it with `riffusion make-seed-images DIR`"
-            ) from None
-        except (OSError, json.JSONDecodeError) as error:
-            raise SeedImageError(
-                f"unreadable seed-image manifest {manifest_path}: {error}"
-            ) from error
-        entries = manifest.get("images") if isinstance(manifest, dict) else None
-        if not isinstance(entries, list):
-            raise SeedImageError(f"{manifest_path} has no 'images' list")
+        if not self.directory.is_dir():
+            raise SeedImageError(f"seed-image folder {self.directory} does not exist")
         self._images: dict[str, SeedImageInfo] = {}
-        for position, entry in enumerate(entries):
-            info = SeedImageInfo.from_manifest(entry, position)
+        if manifest_path.exists():
+            infos = _read_manifest(manifest_path)
+        else:
+            infos = _scan_riffusion_layout(self.directory)
+        for info in infos:
             if info.id in self._images:
                 raise SeedImageError(f"{manifest_path} lists the id {info.id!r} twice")
             self._images[info.id] = info
@@ -165,11 +166,65 @@ class SeedImageLibrary:
         return path
 
     def load(self, image_id: str, kind: str | None = None) -> Image.Image:
-        """Decode the image (seeds: RGB with spectrogram EXIF; masks: greyscale "L")."""
+        """Decode the image: seeds as RGB (EXIF kept), masks as greyscale "L".
+
+        Palette ("P", as riffusion's own og_beat.png) and greyscale files are converted.
+        """
+        info = self.info(image_id, kind)
         path = self.path(image_id, kind)
-        image = Image.open(path)
-        image.load()
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, SyntaxError) as error:
+            raise SeedImageError(f"image {image_id!r} ({path}) is not a readable PNG") from error
+        return _as_mode(image, "RGB" if info.kind == "seed" else "L")
+
+
+def _as_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode``; info (and so EXIF) is carried over by Pillow's convert."""
+    if image.mode == mode:
         return image
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        # Through RGBA so palette transparency is resolved, then drop alpha: spectrogram
+        # and mask pixels are the colour values.
+        image = image.convert("RGBA")
+    return image.convert(mode)
+
+
+def _read_manifest(manifest_path: Path) -> list[SeedImageInfo]:
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SeedImageError(f"unreadable seed-image manifest {manifest_path}: {error}") from error
+    entries = manifest.get("images") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise SeedImageError(f"{manifest_path} has no 'images' list")
+    return [SeedImageInfo.from_manifest(entry, position) for position, entry in enumerate(entries)]
+
+
+def _scan_riffusion_layout(directory: Path) -> list[SeedImageInfo]:
+    """Riffusion's folder layout: every ``<id>.png`` is a seed, ``mask_<name>.png`` a mask.
+
+    Files whose stem is not a valid id are skipped, so the ids offered are exactly
+    the ones requests may use.
+    """
+    infos = [
+        SeedImageInfo(
+            id=path.stem,
+            kind="mask" if path.stem.startswith("mask_") else "seed",
+            tempo_bpm=None,
+            description=f"{path.name} from {directory.name}/",
+            file=path.name,
+        )
+        for path in sorted(directory.iterdir())
+        if path.suffix == ".png" and _FILE_RE.match(path.name) and path.is_file()
+    ]
+    if not infos:
+        raise SeedImageError(
+            f"no {MANIFEST_NAME} and no <id>.png images in {directory}; create a library "
+            "with `riffusion make-seed-images DIR` or use riffusion's seed_images folder"
+        )
+    return infos
 
 
 def _check_kind(kind: str | None) -> None:
@@ -300,6 +355,97 @@ SEED_SPECS: tuple[SeedSpec, ...] = (
     ),
 )
 
+# The seeds the riffusion web app offers besides og_beat, made the same way.
+SEED_SPECS += (
+    SeedSpec(
+        "agile",
+        "agile: a fast, busy breakbeat with ghost snares and short bass stabs, 4 bars of 4/4",
+        LoopPattern(
+            beats=16,
+            beats_per_bar=4,
+            kick=_bars(
+                "x.x.......x.....", "x.........x..x..", "x.x.......x.....", "x.......x.x.x..."
+            ),
+            snare=_bars(
+                "....x..x.x..x..x", "....x.x..x..x...", "....x..x.x..x..x", ".x..x....x..x.xx"
+            ),
+            hats=_bars("x.xxx.x.x.xxx.x.", "x.xxx.x.x.xxx.o."),
+            bass=_bars(
+                "0 . . 0 . . . . 3 - . . . . 5 .",
+                "0 . . 0 . . . . 7 - . . 5 . 3 .",
+                "0 . . 0 . . . . 3 - . . . . 5 .",
+                "-2 . . -2 . . . . -5 - . . 3 . 5 .",
+            ),
+            root_hz=55.0,
+            seed=7,
+        ),
+    ),
+    SeedSpec(
+        "marim",
+        "marimba arpeggios in A minor over a soft kick, hats and bass, 2 bars of 5/4",
+        LoopPattern(
+            beats=10,
+            beats_per_bar=5,
+            kick=_bars("x.........x........."),
+            snare=_bars("........x.........x."),
+            hats=_bars("..x...x...x...x...x."),
+            bass=_bars(
+                "0 - - - - - . . 7 - - - - - . . 5 - . .",
+                "-4 - - - - - . . 3 - - - - - . . -2 - . .",
+            ),
+            root_hz=55.0,
+            seed=8,
+            mallet=_bars(
+                "0 . 7 . 12 . 7 . 3 . 10 . 7 . 15 . 12 . 7 .",
+                "-4 . 3 . 8 . 3 . 0 . 7 . 3 . 12 . 10 . 7 .",
+            ),
+            mallet_voice="marimba",
+            mallet_root_hz=220.0,
+            bass_level=0.6,
+        ),
+    ),
+    SeedSpec(
+        "motorway",
+        "driving motorway groove: steady eighth-note bass and hats, kick and backbeat, 3 bars",
+        LoopPattern(
+            beats=12,
+            beats_per_bar=4,
+            kick=_bars("x.x.....x.x.....", "x.x.....x.x.....", "x.x.....x.x...x."),
+            snare=_bars("....x.......x..."),
+            hats=_bars("x.x.x.x.x.x.x.x."),
+            bass=_bars(
+                "0 - 0 - 0 - 0 - 0 - 0 - 0 - 0 -",
+                "0 - 0 - 0 - 0 - 5 - 5 - 5 - 5 -",
+                "3 - 3 - 3 - 3 - 7 - 7 - 5 - 3 -",
+            ),
+            root_hz=55.0,
+            seed=9,
+        ),
+    ),
+    SeedSpec(
+        "vibes",
+        "vibraphone seventh chords with tremolo over brushed swing drums and bass, 2 bars of 4/4",
+        LoopPattern(
+            beats=8,
+            beats_per_bar=4,
+            kick=_bars("x.........x....."),
+            snare=_bars("....x.......x..."),
+            hats=_bars("x...x.x.x...x.x."),
+            bass=_bars("0 - - - 4 - - - 7 - - - 9 - - -", "5 - - - 4 - - - 2 - - - -1 - - -"),
+            root_hz=55.0,
+            seed=10,
+            swing=0.3,
+            mallet=_bars(
+                "0+3+7+10 - - - - - . . 5+8+12+15 - - - - - . .",
+                "3+7+10+14 - - - - - . . 2+5+8+12 - - - . . . .",
+            ),
+            mallet_voice="vibraphone",
+            mallet_root_hz=220.0,
+            bass_level=0.7,
+        ),
+    ),
+)
+
 MASK_SPECS: tuple[MaskSpec, ...] = (
     MaskSpec("mask_top_third", "repaint the top third (highs above ~3.6 kHz), keep lows and mids"),
     MaskSpec("mask_left_half", "repaint the first 2.56 s, keep the second half"),
@@ -310,7 +456,26 @@ MASK_SPECS: tuple[MaskSpec, ...] = (
     MaskSpec(
         "mask_bottom_third", "repaint the bottom third (below ~1 kHz: bass and kick), keep the rest"
     ),
+    # The masks riffusion's server offered: the name says the region and the strength
+    # in percent (grey level = strength x 255; white = repaint fully).
+    MaskSpec(
+        "mask_beat_lines_80",
+        "keep 160 ms at each beat of og_beat's 8-beat grid, repaint the rest at 80 %",
+    ),
+    MaskSpec("mask_gradient_dark", "left-to-right ramp from keep (black) to 50 % repaint"),
+    MaskSpec("mask_gradient_top_70", "top-to-bottom ramp from 70 % repaint (highs) to keep (lows)"),
+    MaskSpec(
+        "mask_gradient_top_fifth_75",
+        "top fifth (highs above ~6 kHz) ramps from 75 % repaint to keep; the rest is kept",
+    ),
+    MaskSpec("mask_top_third_75", "repaint the top third (highs above ~3.6 kHz) at 75 %"),
+    MaskSpec("mask_top_third_95", "repaint the top third (highs above ~3.6 kHz) at 95 %"),
 )
+
+
+def _level(percent: float) -> int:
+    """Grey level of a mask region repainted at ``percent`` strength."""
+    return round(255 * percent / 100)
 
 
 def mask_pixels(mask_id: str) -> np.ndarray:
@@ -326,11 +491,20 @@ def mask_pixels(mask_id: str) -> np.ndarray:
     elif mask_id == "mask_gradient":
         ramp = np.round(np.linspace(0, 255, CLIP_WIDTH_PX)).astype(np.uint8)
         mask[:] = ramp[None, :]
-    elif mask_id == "mask_beat_lines":
-        mask[:] = 255
+    elif mask_id in ("mask_beat_lines", "mask_beat_lines_80"):
+        mask[:] = 255 if mask_id == "mask_beat_lines" else _level(80)
         beat_px = CLIP_WIDTH_PX // 8
         for start in range(0, CLIP_WIDTH_PX, beat_px):
             mask[:, start : start + 16] = 0
+    elif mask_id == "mask_gradient_dark":
+        mask[:] = np.round(np.linspace(0, _level(50), CLIP_WIDTH_PX)).astype(np.uint8)[None, :]
+    elif mask_id == "mask_gradient_top_70":
+        mask[:] = np.round(np.linspace(_level(70), 0, IMAGE_HEIGHT_PX)).astype(np.uint8)[:, None]
+    elif mask_id == "mask_gradient_top_fifth_75":
+        fifth = IMAGE_HEIGHT_PX // 5
+        mask[:fifth] = np.round(np.linspace(_level(75), 0, fifth)).astype(np.uint8)[:, None]
+    elif mask_id in ("mask_top_third_75", "mask_top_third_95"):
+        mask[:third] = _level(int(mask_id.rsplit("_", 1)[1]))
     else:
         raise SeedImageError(f"no mask recipe for {mask_id!r}")
     return mask

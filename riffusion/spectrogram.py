@@ -11,7 +11,9 @@ Image encoding (exactly as the model's training data):
   ``^ power_for_image``, ``x 255``, ``255 - v`` and truncation to uint8; rows
   are flipped so the lowest mel bin is the bottom row. Mono writes the same
   value into R, G and B; stereo writes R = 0, G = left, B = right. The clip's
-  ``max`` is recorded in EXIF tag 11080 for reference only.
+  ``max`` is recorded in EXIF tag 11080 for reference only, in riffusion's
+  units: riffusion analyses samples scaled to 16-bit integers, so the max of
+  this project's [-1, 1] samples is written x 32768 (see :mod:`riffusion.exif`).
 - decode: ``((255 - p) / 255) ^ (1 / power_for_image) x params.max_value``
   with the *fixed* ``max_value`` (30e6): the image carries no absolute level,
   so callers normalise the reconstructed audio's loudness afterwards. Mono
@@ -31,7 +33,6 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, cast
 
 import numpy as np
@@ -41,11 +42,12 @@ from PIL import Image
 from torch import Tensor
 
 from riffusion.audio import Audio, AudioError
+from riffusion.exif import INT16_FULL_SCALE, ExifTag
 
-# The fixed decode scale corresponds to 16-bit audio (a full-scale int16 sine
-# peaks near 36e6 in this STFT), so decoded waveforms are divided by this to
-# land roughly in [-1, 1].
-INT16_FULL_SCALE = 32768.0
+# The fixed decode scale (max_value) corresponds to 16-bit audio (a full-scale
+# int16 sine peaks near 36e6 in this STFT), so decoded waveforms are divided by
+# INT16_FULL_SCALE to land roughly in [-1, 1], and audio is multiplied by it
+# before analysis.
 # Griffin-Lim's working rate keeps its Nyquist frequency this far above the mel
 # band's top: measured spectral convergence is within 0.3 % of the full rate's
 # at 1.5 (30 kHz for the default format), 1 % worse at 1.2.
@@ -58,21 +60,6 @@ PhaseGenerator = torch.Generator | Sequence[torch.Generator] | None
 
 class SpectrogramError(ValueError):
     """Spectrogram data or parameters that cannot be used; the message names the problem."""
-
-
-class ExifTag(IntEnum):
-    """Integer EXIF tags carried by every spectrogram image."""
-
-    SAMPLE_RATE = 11000
-    STEREO = 11005
-    STEP_SIZE_MS = 11010
-    WINDOW_DURATION_MS = 11020
-    PADDED_DURATION_MS = 11030
-    NUM_FREQUENCIES = 11040
-    MIN_FREQUENCY = 11050
-    MAX_FREQUENCY = 11060
-    POWER_FOR_IMAGE = 11070
-    MAX_VALUE = 11080
 
 
 @dataclass(frozen=True)
@@ -159,7 +146,8 @@ class SpectrogramParams:
         """Params from EXIF tags, defaults for missing ones.
 
         Tag 11080 (the source clip's max) is not read back: decoding always
-        uses the fixed ``max_value`` because images carry no absolute level.
+        uses the fixed ``max_value`` because images carry no absolute level
+        (:func:`riffusion.exif.source_max_value` reads it, in either unit).
         """
         fields: dict[str, Any] = {}
         readers: dict[ExifTag, tuple[str, Any]] = {
@@ -589,7 +577,9 @@ def mel_amplitudes_from_pixels(
 def image_from_mel_amplitudes(
     amplitudes: np.ndarray | Tensor, params: SpectrogramParams = SpectrogramParams()
 ) -> Image.Image:
-    """(C, n_mels, W) mel amplitudes -> RGB spectrogram image with EXIF (clip's max in 11080)."""
+    """(C, n_mels, W) mel amplitudes of audio with samples in [-1, 1] -> RGB spectrogram image
+    with EXIF; tag 11080 holds their max in riffusion's units (int16-scaled samples: x 32768).
+    """
     tensor = torch.as_tensor(amplitudes)
     if tensor.ndim != 3:
         raise SpectrogramError(
@@ -606,11 +596,14 @@ def image_from_mel_amplitudes(
             f"got {tensor.shape[1]}"
         )
     pixels = pixels_from_mel_amplitudes(tensor[None], params)[0]
-    return image_from_pixels(pixels, params, max_value=float(tensor.max()))
+    return image_from_pixels(pixels, params, max_value=float(tensor.max()) * INT16_FULL_SCALE)
 
 
 def image_from_pixels(pixels: Tensor, params: SpectrogramParams, max_value: float) -> Image.Image:
-    """uint8 (3, H, W) pixels -> RGB image with the format's EXIF tags (``max_value`` in 11080)."""
+    """uint8 (3, H, W) pixels -> RGB image with the format's EXIF tags.
+
+    ``max_value`` goes into tag 11080 as given: in riffusion's units (int16-scaled samples).
+    """
     image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), mode="RGB")
     exif = image.getexif()
     for tag, value in params.to_exif(max_value=max_value).items():

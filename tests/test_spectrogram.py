@@ -13,6 +13,7 @@ import torchaudio.transforms as T
 from PIL import Image
 
 from riffusion.audio import Audio, AudioError
+from riffusion.exif import source_max_value
 from riffusion.spectrogram import (
     INT16_FULL_SCALE,
     ExifTag,
@@ -142,7 +143,44 @@ def test_exif_round_trips_through_image_files(format: str) -> None:
     amplitudes = np.random.default_rng(0).uniform(0, 5, size=(2, 64, 16))
     image = reopen(image_from_mel_amplitudes(amplitudes, params), format)
     assert params_from_image(image) == params
-    assert image.getexif()[ExifTag.MAX_VALUE] == pytest.approx(amplitudes.max())
+    # The amplitudes are taken as those of [-1, 1] samples: tag 11080 is in int16 units.
+    assert image.getexif()[ExifTag.MAX_VALUE] == pytest.approx(amplitudes.max() * 32768)
+
+
+def riffusion_source_max(samples: np.ndarray) -> float:
+    """Tag 11080 the way riffusion computes it, written independently: the audio read as
+    int16 samples (what pydub hands riffusion), then torchaudio's STFT magnitude, HTK mel
+    filters without normalisation, and the max."""
+    int16_samples = np.round(np.clip(samples, -1, 32767 / 32768) * 32768).astype(np.int16)
+    waveform = torch.from_numpy(int16_samples.astype(np.float32))[None]
+    spectrogram = T.Spectrogram(
+        n_fft=17640, hop_length=441, win_length=4410, power=None, center=True, pad_mode="reflect"
+    )(waveform)
+    mel = T.MelScale(
+        n_mels=512, sample_rate=SR, f_min=0, f_max=10000, n_stft=17640 // 2 + 1, norm=None
+    )(spectrogram.abs())
+    return float(mel.max())
+
+
+def test_exif_max_value_is_in_riffusions_units() -> None:
+    """Tag 11080 matches riffusion's value for the same audio (int16-scaled samples)."""
+    loud = chord(2.0) * 1.6  # peaks near full scale, like a mastered music clip
+    assert 0.9 < np.abs(loud).max() <= 1.0
+    image = reopen(image_from_audio(Audio(loud[None], SR)))
+    written = image.getexif()[ExifTag.MAX_VALUE]
+    reference = riffusion_source_max(loud)
+    assert written == pytest.approx(reference, rel=1e-4)
+    assert 1e7 < written < 2e8  # the brief's order of magnitude for a loud clip (~4.7e7)
+    assert source_max_value(image.getexif()) == written
+
+
+def test_source_max_value_reads_both_units() -> None:
+    # The issue's pair: the same clip as this project used to write it and as riffusion does.
+    assert source_max_value({11080: 1428.25}) == 1428.25 * 32768
+    assert source_max_value({11080: 46801012.0}) == 46801012.0
+    assert source_max_value({}) is None
+    assert source_max_value({11080: "loud"}) is None
+    assert source_max_value({11080: -1.0}) is None
 
 
 def test_missing_exif_tags_give_defaults() -> None:
