@@ -433,7 +433,11 @@ class Riffusion:
 
 
 def _read_upload(path: Path) -> Audio:
-    return read_audio(path, max_duration_s=SETTINGS.max_upload_duration_s)
+    # Opened here so no message can carry the server's temporary path.
+    with path.open("rb") as upload:
+        return read_audio(
+            upload, max_duration_s=SETTINGS.max_upload_duration_s, name="the uploaded audio"
+        )
 
 
 def _web_app_payload(result: ModelResult) -> RunInferenceResponse:

@@ -1,8 +1,10 @@
 """Audio file I/O and editing on numpy arrays (soundfile; no ffmpeg).
 
 Reading and writing go through libsndfile (WAV, FLAC, OGG/Vorbis and MP3);
-resampling uses torchaudio's band-limited sinc resampler. Every problem with
-the input surfaces as :class:`AudioError` whose message names it.
+resampling uses soxr, whose time and memory stay bounded for any pair of rates
+(a sinc resampler built for the exact ratio grows with the rates when they share
+no factor). Every problem with the input surfaces as :class:`AudioError` whose
+message names it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
+import soxr
 
 SUPPORTED_FORMATS = ("wav", "flac", "ogg", "mp3")
 DEFAULT_SAMPLE_RATE = 44100
@@ -35,6 +36,14 @@ _SUFFIX_FORMATS = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg",
 # MPEG-1/2/2.5 layer III only defines these rates.
 _MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 _MAX_CHANNELS = {"mp3": 2}
+# Rates accepted on input: below 4 kHz there is no music left to work with; above
+# 384 kHz no audio interface records.
+MIN_SAMPLE_RATE = 4000
+MAX_SAMPLE_RATE = 384_000
+# libsndfile reports a length this large (2**63 - 1) for a stream whose header does not
+# state it (e.g. a FLAC written to a pipe): such files are decoded block by block.
+_UNKNOWN_FRAMES = 2**62
+_READ_BLOCK_FRAMES = 1 << 16
 # Below this RMS (about -90 dBFS, under 16-bit dither) a signal is treated as
 # silence: normalising it would only amplify the noise floor (or divide by zero).
 SILENCE_DBFS = -90.0
@@ -110,13 +119,17 @@ def read_audio(
     *,
     max_duration_s: float | None = None,
     min_duration_s: float | None = None,
+    name: str | None = None,
 ) -> Audio:
     """Decode WAV, FLAC, OGG or MP3 from a path, bytes or a binary file object.
 
     Raises AudioError for a missing, empty, corrupt, unsupported, too short
-    (``min_duration_s``) or too long (``max_duration_s``) input.
+    (``min_duration_s``) or too long (``max_duration_s``) input, or a sample rate
+    outside [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]. ``name`` replaces the file name in
+    messages (a server names the upload, not its temporary path).
     """
-    handle, name = _open_source(source)
+    handle, source_name = _open_source(source)
+    name = name or source_name
     try:
         with sf.SoundFile(handle) as sound:
             fmt = _FORMAT_FROM_SNDFILE.get(sound.format)
@@ -125,14 +138,23 @@ def read_audio(
                     f"unsupported audio format {sound.format_info!r} in {name}; "
                     f"supported: {', '.join(SUPPORTED_FORMATS)}"
                 )
-            declared_s = sound.frames / sound.samplerate if sound.samplerate else 0.0
-            # Check the header first so a huge file is refused before decoding it.
-            if max_duration_s is not None and declared_s > max_duration_s * 1.01:
-                raise AudioError(
-                    f"audio too long: {declared_s:.2f} s in {name} (limit {max_duration_s:g} s)"
-                )
-            frames_ct = sound.read(dtype="float32", always_2d=True)
             sample_rate = sound.samplerate
+            if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+                raise AudioError(
+                    f"unsupported sample rate {sample_rate} Hz in {name}: must be between "
+                    f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz"
+                )
+            max_frames = None if max_duration_s is None else int(max_duration_s * sample_rate)
+            if 0 <= sound.frames < _UNKNOWN_FRAMES:
+                declared_s = sound.frames / sample_rate
+                # Check the header first so a huge file is refused before decoding it.
+                if max_duration_s is not None and declared_s > max_duration_s * 1.01:
+                    raise AudioError(
+                        f"audio too long: {declared_s:.2f} s in {name} (limit {max_duration_s:g} s)"
+                    )
+                frames_ct = sound.read(dtype="float32", always_2d=True)
+            else:
+                frames_ct = _read_blocks(sound, max_frames, name, max_duration_s)
     except AudioError:
         raise
     except (sf.SoundFileError, RuntimeError, EOFError) as exc:
@@ -154,6 +176,31 @@ def read_audio(
             f"{min_duration_s:g} s)"
         )
     return audio
+
+
+def _read_blocks(
+    sound: sf.SoundFile, max_frames: int | None, name: str, max_duration_s: float | None
+) -> np.ndarray:
+    """Decode a stream of unstated length block by block, stopping past ``max_frames``.
+
+    ``SoundFile.read`` seeks to its new position after every read, which libsndfile
+    refuses for such streams, so the blocks come from libsndfile's own read call.
+    """
+    blocks: list[np.ndarray] = []
+    total = 0
+    while True:
+        block = np.empty((_READ_BLOCK_FRAMES, sound.channels), dtype=np.float32)
+        pointer = sf._ffi.cast("float *", block.ctypes.data)
+        count = int(sf._snd.sf_readf_float(sound._file, pointer, _READ_BLOCK_FRAMES))
+        if count <= 0:
+            break
+        blocks.append(block[:count])
+        total += count
+        if max_frames is not None and total > max_frames:
+            raise AudioError(f"audio too long: over {max_duration_s:g} s in {name}")
+    if not blocks:
+        return np.zeros((0, sound.channels), dtype=np.float32)
+    return np.concatenate(blocks)
 
 
 def format_for_path(path: str | Path) -> str:
@@ -217,14 +264,16 @@ def write_audio(audio: Audio, path: str | Path, format: str | None = None) -> No
 
 
 def resample(audio: Audio, sample_rate: int = DEFAULT_SAMPLE_RATE) -> Audio:
-    """Band-limited (windowed sinc) resampling to ``sample_rate``."""
+    """Band-limited resampling to ``sample_rate`` (soxr, high quality).
+
+    Memory and time are proportional to the audio's length whatever the two rates.
+    """
     if sample_rate <= 0:
         raise AudioError(f"target sample rate must be positive, got {sample_rate}")
     if sample_rate == audio.sample_rate:
         return Audio(audio.samples.copy(), audio.sample_rate)
-    waveform = torch.from_numpy(audio.samples)
-    resampled = AF.resample(waveform, orig_freq=audio.sample_rate, new_freq=sample_rate)
-    return Audio(resampled.numpy(), sample_rate)
+    resampled = soxr.resample(audio.samples.T, audio.sample_rate, sample_rate, quality="HQ")
+    return Audio(np.ascontiguousarray(resampled.T), sample_rate)
 
 
 def to_mono(audio: Audio) -> Audio:
