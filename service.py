@@ -53,6 +53,7 @@ from riffusion.api_schemas import (
 from riffusion.audio import Audio, AudioError, encode_audio, read_audio
 from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
 from riffusion.spectrogram import encode_image
+from serving.checkpoint import HubCheckpoint
 from serving.errors import ModelOverloaded, error_response, failed
 from serving.http import UPLOAD_OVERHEAD_BYTES, ApiKeyMiddleware, BodySizeLimitMiddleware
 
@@ -104,7 +105,7 @@ class RiffusionModel:
     # Declared so that `bentoml build` with network access packs the checkpoint
     # into the Bento; `tiny` and local directories need no declaration (offline).
     if SETTINGS.is_hub_model:
-        checkpoint = bentoml.models.HuggingFaceModel(
+        checkpoint = HubCheckpoint(
             SETTINGS.model, exclude=["*.ckpt", "*.safetensors.index.json", "*.bin.index.json"]
         )
 
@@ -184,6 +185,9 @@ AudioFile = Annotated[Path, ContentType("audio/*")]
 @bentoml.service(
     name="riffusion",
     resources={"cpu": "2"},
+    # The Bento records the model it was built for (a tiny build runs tiny);
+    # BentoML takes the entry service's envs into the Bento.
+    envs=[{"name": "RIFFUSION_MODEL", "value": SETTINGS.model}],
     workers=1,
     traffic={
         "timeout": SETTINGS.request_timeout_s,

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_ID = "riffusion/riffusion-model-v1"
 TINY_MODEL_ID = "tiny"
 MODEL_ENV_VAR = "RIFFUSION_MODEL"
+DEVICE_ENV_VAR = "RIFFUSION_DEVICE"
+# The oldest driver that runs the pinned torch's CUDA 12.8 build (CUDA minor-version compatibility).
+MIN_NVIDIA_DRIVER = "525.60.13"
 VAE_SCALING_FACTOR = 0.18215
 TOKENIZER_MAX_LENGTH = 77
 
@@ -107,7 +111,36 @@ def _resolve_device_dtype(
     device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
     resolved_device = resolve_device(device)
+    if resolved_device.type == "cuda":
+        require_cuda(resolved_device)
     return resolved_device, dtype if dtype is not None else default_dtype(resolved_device)
+
+
+def require_cuda(device: torch.device) -> None:
+    """Refuse a CUDA device torch cannot use, instead of serving on CPU by surprise.
+
+    The Bento sets ``RIFFUSION_DEVICE=cuda``: on a node whose driver is too old for
+    the pinned torch build, torch sees no GPU, and falling back to CPU would leave a
+    GPU pod ready but ~100x slower. ``RIFFUSION_DEVICE=cpu`` opts out on purpose.
+    """
+    # torch explains why CUDA is unusable (e.g. "driver too old") only as a warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+        count = torch.cuda.device_count() if available else 0
+    if available and (device.index is None or device.index < count):
+        return
+    if available:
+        reason = f"only {count} CUDA device(s) are visible"
+    else:
+        reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+        reason = "torch sees no CUDA device" + (f" ({reasons[0]})" if reasons else "")
+    raise ModelLoadError(
+        f"{DEVICE_ENV_VAR} asks for {device} but {reason}; torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda}) needs NVIDIA driver >= {MIN_NVIDIA_DRIVER} and a GPU "
+        f"visible to the container (nvidia.com/gpu request, NVIDIA container toolkit); "
+        f"set {DEVICE_ENV_VAR}=cpu to serve on CPU on purpose"
+    )
 
 
 def hub_offline() -> bool:
@@ -371,7 +404,7 @@ def _load_pretrained(
         unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **diffusers_options)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ModelLoadError(
-            _describe_load_failure(location, source_dir, component, offline, error)
+            _describe_load_failure(location, source_dir, component, error)
         ) from error
     components = RiffusionComponents(
         unet=unet,
@@ -397,20 +430,28 @@ def _load_pretrained(
 
 
 def _describe_load_failure(
-    location: str, source_dir: Path | None, component: str, offline: bool, error: Exception
+    location: str, source_dir: Path | None, component: str, error: Exception
 ) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if source_dir is not None:
         return f"could not load {component}/ from model directory {location!r}: {first_line}"
-    if offline:
+    return describe_hub_failure(location, f"{component}/", error)
+
+
+def describe_hub_failure(model_id: str, what: str, error: BaseException) -> str:
+    """One line for a hub checkpoint that could not be fetched (offline, no network, wrong id)."""
+    if hub_offline():
         return (
-            f"model {location!r} ({component}/) is not in the Hugging Face cache and could not be "
+            f"model {model_id!r} ({what}) is not in the Hugging Face cache and could not be "
             "downloaded because HF_HUB_OFFLINE is set; run once with network access (unset "
             "HF_HUB_OFFLINE) to fill the cache, point HF_HOME at a cache that has it, pass a "
-            "local diffusers directory, or use 'tiny' for an offline smoke run"
+            f"local diffusers directory, or set {MODEL_ENV_VAR}=tiny for an offline smoke run"
         )
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
     return (
-        f"could not download model {location!r} ({component}/) from the Hugging Face hub: "
+        f"could not download model {model_id!r} ({what}) from the Hugging Face hub: "
         f"{first_line}; check network access and the model id (it is not a local directory "
-        "either), set HF_TOKEN for a private model, or pass a local diffusers directory"
+        "either), set HF_TOKEN for a private model, pass a local diffusers directory, or set "
+        f"{MODEL_ENV_VAR}=tiny for an offline smoke run"
     )

@@ -100,9 +100,41 @@ def test_bento_contents_and_services(bento_dir: Path) -> None:
     assert "gpu" not in services["riffusion"]["config"].get("resources", {})
     assert services["riffusion"]["config"]["http"]["cors"]["enabled"] is True
     envs = {e["name"]: e["value"] for e in info["envs"]}
-    assert envs["RIFFUSION_MODEL"] == "riffusion/riffusion-model-v1"
+    assert envs["RIFFUSION_MODEL"] == "tiny"  # the model it was built for, not a hub id
     routes = {r["route"] for r in info["schema"]["routes"]}
     assert {"/run_inference/", "/text_to_audio", "/audio_to_audio", "/interpolate"} <= routes
+
+
+def _containerfile(bento_dir: Path) -> str:
+    """The Dockerfile `bentoml containerize` builds the image from (BentoML's own API)."""
+    from bentoml._internal.bento.bento import Bento
+    from bentoml._internal.container import construct_containerfile
+
+    with construct_containerfile(Bento.from_path(bento_dir)) as (_context, path):
+        return Path(path).read_text()
+
+
+def _image_defaults(dockerfile: str) -> dict[str, str]:
+    """``ARG NAME=default`` of the Dockerfile; BentoML sets ``ENV NAME=$NAME`` from each."""
+    return dict(re.findall(r"^ARG (\w+)=(.*)$", dockerfile, flags=re.MULTILINE))
+
+
+def test_image_env_of_a_tiny_build(bento_dir: Path) -> None:
+    dockerfile = _containerfile(bento_dir)
+    defaults = _image_defaults(dockerfile)
+    image_env = set(re.findall(r"^ENV (\w+)=", dockerfile, flags=re.MULTILINE))
+    assert "FROM python:3.11-slim" in dockerfile
+    # A tiny build runs tiny: the hub id is not baked into its image.
+    assert defaults["RIFFUSION_MODEL"] == "tiny"
+    assert "riffusion/riffusion-model-v1" not in dockerfile
+    # The model service requires the GPU unless RIFFUSION_DEVICE=cpu is set at run time.
+    assert defaults["RIFFUSION_DEVICE"] == "cuda"
+    assert {"RIFFUSION_MODEL", "RIFFUSION_DEVICE"} <= image_env
+    # GPU visibility is the runtime's job (device plugin, `docker run --gpus`).
+    assert "NVIDIA_VISIBLE_DEVICES" not in dockerfile
+    # Hub downloads go to BENTOML_HF_CACHE_DIR, which the image points inside the Bento:
+    # the Kubernetes Deployment moves it onto its cache volume (tests/test_deploy.py).
+    assert "BENTOML_HF_CACHE_DIR" in image_env
 
 
 @pytest.mark.parametrize(
@@ -110,8 +142,15 @@ def test_bento_contents_and_services(bento_dir: Path) -> None:
     [("riffusion/riffusion-model-v1", ["riffusion/riffusion-model-v1"]), ("tiny", [])],
 )
 def test_hub_model_declared_only_for_hub_ids(tmp_path: Path, model: str, declared: list) -> None:
-    """A hub id is declared on the model service (so a networked build packs it); tiny is not."""
-    script = "import service\nprint([m.model_id for m in service.RiffusionModel.models])\n"
+    """A hub id is declared on the model service (so a networked build packs it); tiny is not.
+
+    The Bento's RIFFUSION_MODEL is the model it is built for.
+    """
+    script = (
+        "import service\n"
+        "print({e.name: e.value for e in service.Riffusion.envs}['RIFFUSION_MODEL'])\n"
+        "print([m.model_id for m in service.RiffusionModel.models])\n"
+    )
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,
@@ -121,4 +160,30 @@ def test_hub_model_declared_only_for_hub_ids(tmp_path: Path, model: str, declare
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == repr(declared)
+    *_, baked_model, declared_models = result.stdout.strip().splitlines()
+    assert baked_model == model
+    assert declared_models == repr(declared)
+
+
+def test_serve_without_the_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
+    """`make serve` offline with the default model: one ModelLoadError line naming the fix."""
+    from load_tests.server import free_port
+
+    env = {
+        **_offline_env(tmp_path, "riffusion/riffusion-model-v1"),
+        "BENTOML_HF_CACHE_DIR": str(tmp_path / "empty-hf-cache"),
+    }
+    command = [str(BENTOML), "serve", "service:Riffusion", "--host", "127.0.0.1"]
+    result = subprocess.run(
+        [*command, "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert len(output.splitlines()) == 1, output
+    assert "ModelLoadError" in output and "riffusion/riffusion-model-v1" in output
+    assert "RIFFUSION_MODEL=tiny" in output and "HF_HUB_OFFLINE" in output

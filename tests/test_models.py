@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -166,7 +167,35 @@ def test_unreachable_hub_id_while_offline(monkeypatch: pytest.MonkeyPatch, tmp_p
     message = str(error.value)
     assert DEFAULT_MODEL_ID in message
     assert "not in the Hugging Face cache" in message
-    assert "HF_HUB_OFFLINE" in message and "tiny" in message
+    assert "HF_HUB_OFFLINE" in message and "RIFFUSION_MODEL=tiny" in message
+    assert "\n" not in message
+
+
+def test_cuda_asked_for_without_a_usable_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RIFFUSION_DEVICE=cuda (the Bento's default) never falls back to CPU."""
+
+    def driver_too_old() -> bool:
+        # What torch says on a node whose driver predates its CUDA build.
+        warnings.warn(
+            "CUDA initialization: The NVIDIA driver on your system is too old "
+            "(found version 12020).\nPlease update your GPU driver.",
+            UserWarning,
+            stacklevel=1,
+        )
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", driver_too_old)
+    with pytest.raises(ModelLoadError) as error:
+        load_components("tiny", device="cuda")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "driver on your system is too old" in message
+    assert "525.60.13" in message and "RIFFUSION_DEVICE=cpu" in message
+
+
+def test_cpu_on_purpose_needs_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_components("tiny", device="cpu").device == torch.device("cpu")
 
 
 def test_model_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
