@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-import riffusion.cli.audio_commands  # noqa: F401  (attaches the commands)
 from riffusion.audio import Audio, read_audio, rms_dbfs, write_audio
 from riffusion.cli import cli
 from riffusion.seed_images import SEED_IMAGES_DIR

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import riffusion.cli.model_commands  # noqa: F401  (attaches the commands)
 from riffusion.audio import Audio, read_audio, write_audio
-from riffusion.cli import cli
+from riffusion.cli import cli, hub
 from riffusion.riff import clip_init_image_png
 
 FAST = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--griffin-lim-iters", "2"]
@@ -155,3 +156,50 @@ def test_unreadable_riff_input_is_a_clear_error(tmp_path: Path) -> None:
     code, text = invoke(["riff", str(bad), "-o", str(tmp_path / "o.wav"), "--prompt", "x", *FAST])
     assert code != 0
     assert text.startswith("Error:") and len(text.strip().splitlines()) == 1
+
+
+def test_model_comes_from_riffusion_model_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RIFFUSION_MODEL", "tiny")
+    output = tmp_path / "clip.wav"
+    fast_without_model = [arg for arg in FAST if arg not in ("--model", "tiny")]
+    code, text = invoke(
+        ["text-to-audio", "bells", "-o", str(output), "--duration", "0.64", *fast_without_model]
+    )
+    assert code == 0, text
+    assert "model tiny" in text and output.is_file()
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No retries and no misleading 'scheduler_config.json': one line naming the fixes."""
+    monkeypatch.delenv("RIFFUSION_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "huggingface.co: no route")
+    monkeypatch.setattr(hub, "is_cached", lambda model_id: False)
+    began = time.monotonic()
+    result = CliRunner().invoke(
+        cli, ["text-to-audio", "bells", "-o", str(tmp_path / "x.wav"), "--device", "cpu"]
+    )
+    assert time.monotonic() - began < 5
+    assert result.exit_code == 1
+    [line] = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("Error: model 'riffusion/riffusion-model-v1' is not in the")
+    assert "unreachable (huggingface.co: no route)" in line and "RIFFUSION_MODEL=tiny" in line
+    assert "scheduler_config" not in line
+
+
+def test_unreachable_hub_with_a_cached_model_loads_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "huggingface.co: no route")
+    monkeypatch.setattr(hub, "is_cached", lambda model_id: True)
+    note = hub.prepare_hub_model("riffusion/riffusion-model-v1")
+    assert note is not None and "using the cached riffusion/riffusion-model-v1" in note
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # tiny and local directories never touch the hub.
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: pytest.fail("probed the hub"))
+    assert hub.prepare_hub_model("tiny") is None

@@ -30,10 +30,8 @@ from riffusion.audio import (
     to_stereo,
     write_audio,
 )
-from riffusion.cli import cli
 from riffusion.seed_images import SeedImageError, SeedImageLibrary, generate_library
 from riffusion.spectrogram import (
-    ExifTag,
     SpectrogramError,
     SpectrogramParams,
     audio_from_image,
@@ -121,7 +119,7 @@ def convert_audio_file(
     return image
 
 
-@cli.command("audio-to-image")
+@click.command("audio-to-image")
 @click.argument("audio_file", type=click.Path(path_type=Path))
 @click.argument("image_file", type=click.Path(dir_okay=False, path_type=Path))
 @channels_option
@@ -139,7 +137,7 @@ def audio_to_image(
     click.echo(f"wrote {image_file} ({image.width}x{image.height} px)")
 
 
-@cli.command("image-to-audio")
+@click.command("image-to-audio")
 @click.argument("image_file", type=click.Path(path_type=Path))
 @click.argument("audio_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Griffin-Lim phase seed.")
@@ -169,24 +167,7 @@ def image_to_audio(
     click.echo(f"wrote {audio_file} ({audio.duration_s:.2f} s, {audio.channels} ch)")
 
 
-@cli.command("print-exif")
-@click.argument("image_file", type=click.Path(path_type=Path))
-def print_exif(image_file: Path) -> None:
-    """Print the spectrogram parameters stored in IMAGE_FILE's EXIF tags."""
-    with friendly_errors():
-        exif = load_image(image_file).getexif()
-    table = Table("tag", "name", "value")
-    for tag in ExifTag:
-        value = exif.get(tag.value)
-        table.add_row(
-            str(tag.value), tag.name.lower(), "(missing)" if value is None else str(value)
-        )
-    Console().print(table)
-    if not any(tag.value in exif for tag in ExifTag):
-        click.echo("no spectrogram EXIF tags: the default format would be assumed")
-
-
-@cli.command("sample-clips")
+@click.command("sample-clips")
 @click.argument("audio_file", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -245,7 +226,7 @@ def sample_clips(
     click.echo(f"wrote {num_clips} clips of {duration:g} s to {output_dir}")
 
 
-@cli.command("audio-to-images")
+@click.command("audio-to-images")
 @click.argument("input_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
 @channels_option
@@ -291,7 +272,7 @@ def audio_to_images(
         )
 
 
-@cli.command("make-seed-images")
+@click.command("make-seed-images")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def make_seed_images(directory: Path) -> None:
     """(Re)generate the seed and mask images plus manifest.json in DIRECTORY (deterministic)."""
@@ -301,7 +282,7 @@ def make_seed_images(directory: Path) -> None:
     click.echo(f"wrote {seeds} seed and {len(infos) - seeds} mask images to {directory}")
 
 
-@cli.command("seed-images")
+@click.command("seed-images")
 @click.option("--kind", type=click.Choice(["seed", "mask"]), default=None, help="Only this kind.")
 @click.option(
     "--dir",

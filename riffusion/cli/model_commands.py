@@ -20,8 +20,8 @@ from rich.progress import (
 )
 
 from riffusion.audio import Audio, AudioError, read_audio, write_audio
-from riffusion.cli import cli
-from riffusion.models import DEFAULT_MODEL_ID, ModelLoadError
+from riffusion.cli.hub import prepare_hub_model
+from riffusion.models import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelLoadError
 from riffusion.pipeline import GeneratedClip, InvalidJobError, RiffusionPipeline
 from riffusion.riff import (
     CLIP_DURATION_S,
@@ -56,9 +56,11 @@ def model_options(command: F) -> F:
     decorators = [
         click.option(
             "--model",
+            envvar=MODEL_ENV_VAR,
             default=DEFAULT_MODEL_ID,
             show_default=True,
-            help="Hub id, local diffusers directory, or 'tiny' (random weights, for offline runs).",
+            help="Hub id, local diffusers directory, or 'tiny' (random weights, for offline "
+            f"runs); env {MODEL_ENV_VAR}.",
         ),
         click.option("--device", default=None, help="torch device; default CUDA when available."),
         click.option(
@@ -111,6 +113,9 @@ def reports_errors(command: F) -> F:
 def load_pipeline(
     model: str, device: str | None, unet_backend: str, griffin_lim_iters: int
 ) -> RiffusionPipeline:
+    note = prepare_hub_model(model)
+    if note is not None:
+        stderr.print(note)
     with stderr.status(f"loading model {model} ..."):
         pipeline = RiffusionPipeline.load(
             model,
@@ -245,7 +250,7 @@ mask_image_option = click.option(
 )
 
 
-@cli.command("text-to-audio")
+@click.command("text-to-audio")
 @click.argument("prompt")
 @output_option
 @click.option("--seed", type=SEED_RANGE, default=0, show_default=True)
@@ -298,7 +303,7 @@ def text_to_audio(
         stderr.print(f"wrote {image_path}")
 
 
-@cli.command("riff")
+@click.command("riff")
 @click.argument(
     "input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
@@ -382,7 +387,7 @@ def riff(
     write_output(riffed, output)
 
 
-@cli.command("interpolate")
+@click.command("interpolate")
 @output_option
 @click.option("--start-prompt", required=True)
 @click.option("--end-prompt", required=True)

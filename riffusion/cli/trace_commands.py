@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 import torch
 
-from riffusion.cli import cli
+from riffusion.cli.hub import prepare_hub_model
 from riffusion.models import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelLoadError, load_components
 from riffusion.unet_backends import TRACED_UNET_DIR, TraceError, trace_unet
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
-@cli.command("trace-unet")
+@click.command("trace-unet")
 @click.option(
     "--model",
     envvar=MODEL_ENV_VAR,
@@ -61,6 +61,9 @@ def trace_unet_command(
             param_hint="--height/--width",
         )
     try:
+        note = prepare_hub_model(model)
+        if note is not None:
+            click.echo(note, err=True)
         components = load_components(
             model, device=device, dtype=DTYPES[dtype] if dtype is not None else None
         )
