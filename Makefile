@@ -10,7 +10,7 @@ VENV := .venv
 RUN := $(UV) run --frozen --all-extras
 PORT ?= 3000
 
-.PHONY: venv serve test lint typecheck pytest bench loadtest seed-images bento-requirements bento clean
+.PHONY: venv serve test lint typecheck pytest prometheus bench loadtest seed-images bento-requirements bento clean
 
 venv: $(VENV)/.synced
 
@@ -29,8 +29,14 @@ lint: venv
 typecheck: venv
 	$(RUN) mypy
 
-pytest: venv
+pytest: venv prometheus
 	$(RUN) pytest $(PYTEST_ARGS)
+
+# Debian's Prometheus for tests/test_prometheus_adapter.py (CI runs as root on a bare machine).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 test: lint typecheck pytest
 

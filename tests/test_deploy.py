@@ -252,7 +252,6 @@ def test_autoscaler_targets_the_adapter_metric_per_pod() -> None:
     assert metric["pods"]["metric"]["name"] == AUTOSCALING_METRIC
     assert metric["pods"]["target"]["type"] == "AverageValue"
     rule = adapter_rule()
-    assert rule["seriesQuery"].startswith(AUTOSCALING_METRIC + "{")
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
     # The adapter's config lives in its own (Helm) values, not in the app's namespace.
