@@ -10,7 +10,7 @@ VENV := .venv
 RUN := $(UV) run --frozen --all-extras
 PORT ?= 3000
 
-.PHONY: venv serve test lint typecheck pytest prometheus bench loadtest seed-images bento-requirements bento clean
+.PHONY: venv browser serve test lint typecheck pytest prometheus bench loadtest seed-images bento-requirements bento clean
 
 venv: $(VENV)/.synced
 
@@ -29,7 +29,16 @@ lint: venv
 typecheck: venv
 	$(RUN) mypy
 
-pytest: venv prometheus
+# The playground's browser tests (tests/test_ui.py) drive Debian's chromium through
+# playwright; install it when missing (CI runs as root; elsewhere through sudo).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+pytest: venv prometheus browser
 	$(RUN) pytest $(PYTEST_ARGS)
 
 # Debian's Prometheus for tests/test_prometheus_adapter.py (CI runs as root on a bare machine).

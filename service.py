@@ -56,6 +56,7 @@ from riffusion.spectrogram import encode_image
 from serving.checkpoint import HubCheckpoint
 from serving.errors import ModelOverloaded, error_response, failed
 from serving.http import UPLOAD_OVERHEAD_BYTES, ApiKeyMiddleware, BodySizeLimitMiddleware
+from serving.ui import ui_routes
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings.from_env()
@@ -173,6 +174,7 @@ extra_routes = Starlette(
     routes=[
         Route("/seed_images", _get_seed_images, methods=["GET"]),
         Route("/model_info", _get_model_info, methods=["GET"]),
+        *ui_routes(),
     ]
 )
 
@@ -320,7 +322,10 @@ class Riffusion:
     # -------------------------------------------------------------- endpoints
     @bentoml.api(route="/run_inference/", input_spec=RunInferenceRequest)
     async def run_inference(self, ctx: bentoml.Context, **fields: Any) -> RunInferenceResponse:
-        """The riffusion web app's endpoint: JPEG spectrogram and MP3 audio as data URLs."""
+        """The riffusion web app's endpoint: JPEG spectrogram and MP3 audio as data URLs.
+
+        Hear it in the browser: the playground page at [/ui](/ui).
+        """
         request = RunInferenceRequest.model_validate(fields)
         error = self._check_image_ids(request.seed_image_id, request.mask_image_id)
         if error is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from serving.errors import error_response
+from serving.ui import is_ui_path
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,6 +27,7 @@ class ApiKeyMiddleware:
         if (
             scope["type"] != "http"
             or scope["path"] in PUBLIC_PATHS
+            or is_ui_path(scope["path"])  # the playground's files; the page asks for the key
             or scope["method"] == "OPTIONS"  # CORS preflight carries no credentials
         ):
             await self.app(scope, receive, send)

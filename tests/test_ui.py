@@ -1,0 +1,304 @@
+"""The playground page (/ui) in headless Chromium against a real `bentoml serve` (tiny model).
+
+The instance runs with an API key, so the page must ask for it; the seed images are
+cropped to 64 px (0.64 s clips) and requests use one denoising step to keep CPU
+generation short. Chromium is Debian's package (`make browser` installs it), driven
+by playwright; nothing is downloaded at run time.
+
+    RIFFUSION_UI_SCREENSHOT=docs/playground.png \\
+        uv run --frozen --all-extras pytest tests/test_ui.py -k jam
+
+also saves a screenshot of the jam in full swing (the one in docs/).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from load_tests.server import LocalServer
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("RIFFUSION_CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOT_ENV = "RIFFUSION_UI_SCREENSHOT"
+API_KEY = "ui-test-key"
+CLIP_PX = 64  # 0.64 s clips: Griffin-Lim on CPU stays short
+STEPS = "1"
+# CPU generation on a busy two-core machine takes tens of seconds per batch.
+CLIP_TIMEOUT_MS = 240_000
+
+JAM_STATE = """() => {
+  const jam = window.playground.jam;
+  return {
+    audioState: jam.audioState, audioTime: jam.audioTime, started: jam.clipsStarted,
+    behind: jam.behind, underruns: jam.underruns, recoveries: jam.recoveries,
+    errors: jam.errors, spectrogramShown: jam.spectrogramShown,
+    clips: jam.clips.map((c) => ({index: c.index, alpha: c.alpha, status: c.status,
+                                 durationS: c.durationS, start: c.start, end: c.end})),
+  };
+}"""
+
+
+def make_small_library(directory: Path) -> Path:
+    """The project's seed and mask images cropped to CLIP_PX wide (EXIF kept)."""
+    manifest = json.loads((ROOT / "seed_images" / "manifest.json").read_text())
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in manifest["images"]:
+        image = Image.open(ROOT / "seed_images" / entry["file"])
+        exif = image.getexif()
+        image.crop((0, 0, CLIP_PX, image.height)).save(directory / entry["file"], exif=exif)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("ui")
+    env = {
+        "RIFFUSION_API_KEY": API_KEY,
+        "RIFFUSION_SEED_IMAGES_DIR": str(make_small_library(tmp / "seed_images")),
+        "RIFFUSION_MAX_LATENCY_MS": "600000",
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with LocalServer(tmp / "serve.log", "tiny", env) as local:
+        yield local.url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            # Jam playback starts from a click in real use; the test's click counts too,
+            # but headless Chromium is stricter about audio without this.
+            args=["--autoplay-policy=no-user-gesture-required"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    """The playground, opened without a key: it asks for one, and gets it."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(f"{server}/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-save")
+    page.wait_for_function("window.playground.seedImages.length > 0")
+    yield page
+    context.close()
+
+
+def test_page_and_assets_are_public_and_self_contained(server: str) -> None:
+    redirect = httpx.get(f"{server}/ui")
+    assert redirect.status_code == 307
+    assert redirect.headers["location"] == "ui/"
+    html = httpx.get(f"{server}/ui/")
+    assert html.status_code == 200
+    assert html.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert {"playground.js", "playground.css"} <= set(assets)
+    for asset in assets:
+        # No CDN: every asset is a relative URL the service itself answers.
+        assert "//" not in asset, asset
+        if asset.startswith("../"):
+            continue  # the service root (API docs)
+        assert httpx.get(f"{server}/ui/{asset}").status_code == 200, asset
+    script = httpx.get(f"{server}/ui/playground.js").text
+    assert "http://" not in script and "https://" not in script
+    # The API itself still needs the key.
+    assert httpx.get(f"{server}/model_info").status_code == 401
+    # The OpenAPI page links the playground.
+    docs = httpx.get(f"{server}/docs.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert "[/ui](/ui)" in docs.text
+
+
+def test_jam_plays_clips_and_recovers_from_an_api_error(page: Any) -> None:
+    # The fourth clip request is answered 429 once (as an overloaded service does); the
+    # page must say so, wait the Retry-After, retry that clip and play on in order.
+    requests: list[dict[str, Any]] = []
+
+    def answer(route: Any) -> None:
+        requests.append(route.request.post_data_json)
+        if len(requests) == 4:
+            route.fulfill(
+                status=429,
+                headers={"Retry-After": "3"},
+                json={"error": "too many requests in flight"},
+            )
+        else:
+            route.continue_()
+
+    page.route("**/run_inference/", answer)
+    page.fill("#jam-steps", STEPS)
+    page.click("#jam-play")
+
+    page.wait_for_function(
+        "window.playground.jam.clipsStarted >= 2", timeout=CLIP_TIMEOUT_MS, polling=200
+    )
+    state = page.evaluate(JAM_STATE)
+    assert state["audioState"] == "running"
+    started = [clip for clip in state["clips"] if clip["status"] in ("playing", "played")]
+    assert len(started) >= 2
+    assert all(clip["durationS"] > 0.5 for clip in started)  # decoded 0.64 s clips
+    # Alpha walks from the start prompt towards the end prompt, a quarter per clip.
+    assert [clip["alpha"] for clip in state["clips"][:3]] == [0.0, 0.25, 0.5]
+    assert requests[0]["start"]["prompt"] == "church bells on sunday"
+    assert requests[0]["end"]["prompt"] == "jazz with piano"
+    assert requests[0]["num_inference_steps"] == int(STEPS)
+    page.wait_for_function(f"window.playground.jam.audioTime > {state['audioTime'] + 0.3}")
+
+    # The clip now playing shows its spectrogram, and the timeline has drawn it.
+    spectrogram = page.locator("#jam-spectrogram")
+    assert spectrogram.is_visible()
+    assert spectrogram.evaluate("img => img.complete && img.naturalHeight") == 512
+    lit = page.evaluate(
+        """() => {
+          const canvas = document.getElementById('jam-timeline');
+          const g = canvas.getContext('2d');
+          const pixels = g.getImageData(0, 0, canvas.width, canvas.height).data;
+          let lit = 0;
+          for (let i = 0; i < pixels.length; i += 4) {
+            if (pixels[i] + pixels[i + 1] + pixels[i + 2] > 60) lit++;
+          }
+          return lit;
+        }"""
+    )
+    assert lit > 64 * 64
+
+    # The 429, in words, on the page.
+    page.wait_for_function(
+        "window.playground.jam.errors.length >= 1", timeout=CLIP_TIMEOUT_MS, polling=100
+    )
+    error = page.locator("#jam-error")
+    assert error.is_visible()
+    assert "429" in error.inner_text()
+    assert "busy" in error.inner_text()
+    failed = page.evaluate(JAM_STATE)["errors"][0]
+    assert failed["status"] == 429
+    # Later clips may not overtake the failed one, so playback runs dry meanwhile: shown.
+    page.wait_for_selector("#jam-behind:not([hidden])", timeout=CLIP_TIMEOUT_MS)
+    assert "behind playback" in page.locator("#jam-behind").inner_text()
+
+    # Recovery: the failed clip arrives on retry and plays, and so do the ones after it.
+    page.wait_for_function(
+        f"""() => {{
+          const jam = window.playground.jam;
+          return jam.recoveries >= 1 && jam.clipsStarted >= {failed["clip"] + 2};
+        }}""",
+        timeout=CLIP_TIMEOUT_MS,
+        polling=200,
+    )
+    state = page.evaluate(JAM_STATE)
+    assert state["clips"][failed["clip"]]["status"] in ("playing", "played")
+    assert state["underruns"] >= 1
+    assert "Recovered" in error.inner_text()
+    screenshot = os.environ.get(SCREENSHOT_ENV)
+    if screenshot:
+        page.screenshot(path=screenshot, full_page=True)
+
+    page.click("#jam-play")  # stop
+    assert page.evaluate("window.playground.jam.playing") is False
+
+
+def test_text_to_audio_panel_shows_progress_and_offers_the_file(page: Any) -> None:
+    page.click("#tabs [data-panel=text]")
+    page.fill("#text-steps", STEPS)
+    page.fill("#text-duration", "0.64")
+    page.select_option("#text-format", "wav")
+    page.click("#text-run")
+    assert page.locator("#text-progress").is_visible()
+    page.wait_for_function(
+        "window.playground.text.status !== 'working'", timeout=CLIP_TIMEOUT_MS, polling=200
+    )
+    assert page.evaluate("window.playground.text.status") == "done"
+    assert page.locator("#text-progress").is_hidden()
+    link = page.locator("#text-result a.download")
+    assert link.get_attribute("download") == "text_to_audio.wav"
+    with page.expect_download() as download_info:
+        link.click()
+    audio, sample_rate = sf.read(download_info.value.path())
+    assert len(audio) / sample_rate == pytest.approx(0.64, abs=0.05)
+
+
+def test_audio_to_audio_panel_reports_errors_in_words_then_riffs(page: Any) -> None:
+    page.click("#tabs [data-panel=audio]")
+    page.fill("#audio-steps", STEPS)
+    page.select_option("#audio-format", "wav")
+    # Not audio: the service's 400 names the field, and the page says it in words.
+    page.set_input_files(
+        "#audio-file", {"name": "notes.wav", "mimeType": "audio/wav", "buffer": b"not audio"}
+    )
+    page.click("#audio-run")
+    page.wait_for_function("window.playground.audio.status === 'error'", timeout=60_000)
+    message = page.locator("#audio-error").inner_text()
+    assert message.startswith("The service rejected the request (400): audio:"), message
+
+    rate = 22050
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+    wav = io.BytesIO()
+    sf.write(wav, tone, rate, format="WAV")
+    page.set_input_files(
+        "#audio-file", {"name": "tone.wav", "mimeType": "audio/wav", "buffer": wav.getvalue()}
+    )
+    page.click("#audio-run")
+    page.wait_for_function(
+        "window.playground.audio.status !== 'working'", timeout=CLIP_TIMEOUT_MS, polling=200
+    )
+    assert page.evaluate("window.playground.audio.status") == "done"
+    assert page.evaluate("window.playground.audio.uploadFraction") == 1
+    assert page.locator("#audio-error").is_hidden()
+    assert page.locator("#audio-result a.download").get_attribute("download") == (
+        "audio_to_audio.wav"
+    )
+
+
+def readme_python_client() -> str:
+    """The README's Python client snippet (the code block after its marker)."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- python-client -->\s*```python\n(.*?)```", readme, re.DOTALL)
+    assert match, "README lost its Python client snippet"
+    return match.group(1)
+
+
+def test_readme_python_client_works_against_a_served_instance(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    snippet = readme_python_client()
+    # Same calls, on this instance, with the CPU-friendly sizes of the tiny model.
+    for old, new in [
+        ("http://localhost:3000", server),
+        ("num_inference_steps=50", f"num_inference_steps={STEPS}"),
+        ("duration_s=5.12", "duration_s=0.64"),
+    ]:
+        assert old in snippet, old
+        snippet = snippet.replace(old, new)
+    monkeypatch.setenv("RIFFUSION_API_KEY", API_KEY)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md python-client", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    duration, image_type, audio_type = printed[0].split()
+    assert float(duration) == pytest.approx(0.64, abs=0.02)
+    assert (image_type, audio_type) == ("data:image/jpeg;base64", "data:audio/mpeg;base64")
+    assert "og_beat" in printed[1]
+    assert sf.info(str(tmp_path / "beat.wav")).duration == pytest.approx(0.64, abs=0.05)
+    assert sf.info(str(tmp_path / "riff.mp3")).duration == pytest.approx(0.64, abs=0.1)
