@@ -132,6 +132,22 @@ def test_page_and_assets_are_public_and_self_contained(server: str) -> None:
     assert "[/ui](/ui)" in docs.text
 
 
+def test_the_bento_carries_the_playground() -> None:
+    # bentoml build selects files with gitignore-style patterns (pathspec), as here.
+    import pathspec
+    import yaml
+
+    from serving.ui import ASSETS_DIR
+
+    include = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["include"]
+    spec = pathspec.PathSpec.from_lines("gitwildmatch", include)
+    assets = sorted(path.relative_to(ROOT).as_posix() for path in ASSETS_DIR.iterdir())
+    assert "serving/playground/index.html" in assets
+    assert spec.match_file("serving/ui.py")
+    for asset in assets:
+        assert spec.match_file(asset), asset
+
+
 def test_jam_plays_clips_and_recovers_from_an_api_error(page: Any) -> None:
     # The fourth clip request is answered 429 once (as an overloaded service does); the
     # page must say so, wait the Retry-After, retry that clip and play on in order.
