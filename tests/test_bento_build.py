@@ -157,7 +157,7 @@ def test_hub_model_declared_only_for_hub_ids(tmp_path: Path, model: str, declare
         env=_offline_env(tmp_path, model),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     *_, baked_model, declared_models = result.stdout.strip().splitlines()

@@ -29,7 +29,7 @@ SCRAPE_INTERVAL = "500ms"
 CLIPS = 3
 # Enough denoising steps that the tiny model keeps the clips in flight for several
 # scrape intervals (seconds on a quiet 2-core machine).
-STEPS = 10
+STEPS = 30
 DEADLINE_S = 240.0
 
 
