@@ -18,6 +18,7 @@
   const RETRY_MAX_S = 10;
   const TIMELINE_PX_PER_S = 50; // 5.12 s clip -> 256 px: square like its 512x512 image
   const TICK_MS = 100;
+  const HISTORY_S = 60; // longer than the timeline shows left of the playhead
 
   const $ = (id) => document.getElementById(id);
 
@@ -452,6 +453,13 @@
       if (now >= clip.endTime) {
         clip.status = "played";
         buffers.delete(clip.index); // keep memory bounded on endless runs
+      }
+    }
+    // Spectrograms that have scrolled off the timeline are no longer needed.
+    for (const [index, _image] of images) {
+      const clip = jam.clips[index];
+      if (index !== jam.currentClip && clip.endTime !== null && now - clip.endTime > HISTORY_S) {
+        images.delete(index);
       }
     }
     jam.bufferedAheadS = Math.max(0, nextStartTime - now);
