@@ -13,7 +13,6 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-import riffusion.cli.trace_commands  # noqa: F401  (attaches trace-unet to cli)
 from riffusion import unet_backends
 from riffusion.cli import cli
 from riffusion.models import (
