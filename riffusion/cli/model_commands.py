@@ -48,7 +48,8 @@ USER_ERRORS = (
     ValueError,
 )
 
-stderr = Console(stderr=True)
+# soft_wrap: messages stay on one line whatever the terminal width (logs and tests parse them).
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 def model_options(command: F) -> F:

@@ -1,0 +1,46 @@
+"""CLI output does not depend on the terminal's width or the length of paths (issue 9, item 11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import riffusion.cli.model_commands  # noqa: F401  (attaches the commands)
+from riffusion.audio import Audio, write_audio
+from riffusion.cli import cli
+
+
+def test_riff_plan_line_is_not_wrapped_for_a_long_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the missing model fails at once
+    directory = tmp_path / ("d" * 120)
+    directory.mkdir()
+    source = directory / "in.wav"
+    t = np.arange(int(1.5 * 44100)) / 44100
+    write_audio(Audio((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], 44100), source)
+    result = CliRunner().invoke(
+        cli,
+        # The model fails to load right after the plan line is printed: no model work needed.
+        [
+            "riff",
+            str(source),
+            "-o",
+            str(tmp_path / "out.wav"),
+            "--prompt",
+            "harp",
+            "--clip-duration",
+            "0.72",
+            "--overlap",
+            "0.1",
+            "--model",
+            str(tmp_path / "no-model"),
+        ],
+    )
+    lines = result.output.splitlines()
+    assert any(line.startswith(str(source)) and line.endswith("-> 3 clips") for line in lines), (
+        result.output
+    )
