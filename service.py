@@ -53,13 +53,15 @@ from riffusion.api_schemas import (
 from riffusion.audio import Audio, AudioError, encode_audio, read_audio
 from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
 from riffusion.spectrogram import encode_image
+from serving import http
 from serving.checkpoint import HubCheckpoint
 from serving.errors import ModelOverloaded, error_response, failed
-from serving.http import UPLOAD_OVERHEAD_BYTES, ApiKeyMiddleware, BodySizeLimitMiddleware
+from serving.openapi import document_api
 from serving.ui import ui_routes
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings.from_env()
+http.close_bentoml_input_paths()
 
 # --------------------------------------------------------------------- metrics
 # Names are a contract (dashboards, autoscaler, load tests parse them). BentoML
@@ -126,7 +128,7 @@ class RiffusionModel:
         return getattr(self, "pipeline", None) is not None
 
     @bentoml.api
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """Model id, tiny or not, device, dtype and UNet backend of the loaded pipeline."""
         return self.pipeline.describe()
 
@@ -167,7 +169,7 @@ async def _get_seed_images(request: Request) -> Response:
 
 async def _get_model_info(request: Request) -> Response:
     service = bentoml.get_current_service()
-    return JSONResponse(await service.model.to_async.describe())
+    return JSONResponse(await service.model_info())
 
 
 extra_routes = Starlette(
@@ -215,8 +217,15 @@ class Riffusion:
         from riffusion.seed_images import SeedImageLibrary
 
         self.seed_images = SeedImageLibrary()
+        self._model_info: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- helpers
+    async def model_info(self) -> dict[str, Any]:
+        """The model service's description, fetched once: it does not change while serving."""
+        if self._model_info is None:
+            self._model_info = await self.model.to_async.describe()
+        return self._model_info
+
     def seed_image_list(self, kind: str | None) -> SeedImageList:
         return SeedImageList(
             seed_images=[
@@ -464,8 +473,22 @@ def _web_app_payload(result: ModelResult) -> RunInferenceResponse:
 
 # The decorators return a bentoml.Service; type checkers see the plain class.
 _api_service = cast("bentoml.Service[Riffusion]", Riffusion)
-if SETTINGS.api_key:
-    _api_service.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)
-_api_service.add_asgi_middleware(
-    BodySizeLimitMiddleware, max_bytes=SETTINGS.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
+
+
+async def _model_ready() -> bool:
+    """The model service's own readiness (a remote proxy in serve, the instance in-process)."""
+    model = bentoml.get_current_service().model
+    if hasattr(model, "is_ready"):
+        return bool(await model.is_ready(5))
+    return bool(model.__is_ready__())
+
+
+http.install(
+    _api_service,
+    cors_origins=SETTINGS.cors_origins,
+    api_key=SETTINGS.api_key,
+    max_body_bytes=SETTINGS.max_upload_bytes + http.UPLOAD_OVERHEAD_BYTES,
+    liveness_grace_s=SETTINGS.liveness_grace_s,
+    model_ready=_model_ready,
+    spec_hook=document_api,
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from riffusion.audio import Audio
 from riffusion.schemas import (
@@ -25,7 +25,9 @@ from riffusion.schemas import (
     MIN_STEPS,
     MIN_WIDTH,
     GenerationJob,
+    NegativePromptText,
     PromptInput,
+    PromptText,
     SchedulerName,
 )
 
@@ -73,7 +75,10 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 class RunInferenceRequest(BaseModel):
     """The riffusion web app's request: interpolate between two prompt inputs at ``alpha``."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": _WEB_APP_EXAMPLE})
+    # strict: JSON "5", true or "0.5" are not numbers here (see README, "Errors").
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"example": _WEB_APP_EXAMPLE}
+    )
 
     alpha: float = Field(
         default=0.0,
@@ -136,13 +141,16 @@ class TextToAudioRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "example": {"prompt": "lofi hip hop beat", "seed": 7, "duration_s": 5.12}
         },
     )
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text prompt.")
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, description="Text prompt."
+    )
+    negative_prompt: NegativePromptText | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     num_inference_steps: int = Field(default=50, ge=MIN_STEPS, le=MAX_STEPS)
     guidance: float = Field(default=7.0, ge=0.0, le=30.0)
@@ -155,12 +163,6 @@ class TextToAudioRequest(BaseModel):
     format: AudioFormat = Field(default="mp3", description="Output audio format.")
     scheduler: SchedulerName | None = None
 
-    @model_validator(mode="after")
-    def _prompt_not_blank(self) -> TextToAudioRequest:
-        if not self.prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return self
-
 
 class AudioToAudioRequest(BaseModel):
     """Multipart form: an audio file re-imagined clip by clip, optionally towards an end prompt."""
@@ -168,15 +170,15 @@ class AudioToAudioRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     audio: Path = Field(description="WAV, FLAC, OGG or MP3 file.")
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: NegativePromptText | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     denoising: float = Field(
         default=0.5, ge=0.0, le=1.0, description="0.4-0.55 keeps the source recognisable."
     )
     guidance: float = Field(default=7.0, ge=0.0, le=30.0)
     num_inference_steps: int = Field(default=50, ge=MIN_STEPS, le=MAX_STEPS)
-    end_prompt: str | None = Field(
+    end_prompt: PromptText | None = Field(
         default=None,
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
@@ -210,6 +212,7 @@ class InterpolateRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "example": {
                 "start": {"prompt": "church bells", "seed": 1},
@@ -252,11 +255,17 @@ class SeedImageList(BaseModel):
     seed_images: list[SeedImageModel]
 
 
-class ErrorBody(BaseModel):
-    """Body of every 4xx/5xx answer produced by this service."""
+class ModelInfo(BaseModel):
+    """GET /model_info: the checkpoint the model service loaded."""
 
-    error: str
-    field: str | None = None
+    model_config = ConfigDict(extra="allow")
+
+    model_id: str
+    is_tiny: bool
+    note: str
+    device: str
+    dtype: str
+    unet_backend: str
 
 
 # ------------------------------------------------- API service <-> model service
@@ -335,6 +344,7 @@ class ServiceSettings(BaseModel):
     max_concurrency: int = Field(default=32, ge=1)
     request_timeout_s: float = Field(default=300.0, gt=0)
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    liveness_grace_s: float = Field(default=90.0, gt=0)
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -350,6 +360,7 @@ class ServiceSettings(BaseModel):
             max_upload_duration_s=_env_float("RIFFUSION_MAX_UPLOAD_SECONDS", 120.0),
             max_concurrency=_env_int("RIFFUSION_MAX_CONCURRENCY", 32),
             request_timeout_s=_env_float("RIFFUSION_REQUEST_TIMEOUT_S", 300.0),
+            liveness_grace_s=_env_float("RIFFUSION_LIVENESS_GRACE_S", 90.0),
             cors_origins=[
                 origin.strip()
                 for origin in (env.get("RIFFUSION_CORS_ORIGINS") or "*").split(",")

@@ -19,6 +19,7 @@ error: nothing is ever truncated silently.
 from __future__ import annotations
 
 import functools
+import html
 import math
 import re
 import threading
@@ -30,6 +31,16 @@ import torch
 from torch import Tensor
 
 EMPHASIS = 1.1
+# CLIP's window: 77 tokens, of which <start> and <end> take two.
+CLIP_WINDOW_TOKENS = 77
+DEFAULT_MAX_WINDOWS = 3
+MAX_PROMPT_TOKENS = DEFAULT_MAX_WINDOWS * (CLIP_WINDOW_TOKENS - 2)
+
+# CLIP's pre-tokenizer splits text into these pieces before BPE, and BPE gives every
+# piece at least one token: contractions, letter runs, single digits, other runs.
+# (Python's letter class also takes numerals such as '²' that CLIP splits off: that
+# only merges pieces, so the count stays a lower bound.)
+_CLIP_PIECE_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+", re.IGNORECASE)
 
 _TOKEN_RE = re.compile(
     r"""
@@ -86,6 +97,31 @@ def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
     return [(fragment, weight) for fragment, weight in merged if fragment]
 
 
+def min_clip_tokens(prompt: str) -> int:
+    """A lower bound on the CLIP tokens ``prompt`` needs, without the tokenizer.
+
+    Counts the pre-tokenizer's pieces of each weighted fragment (as
+    :class:`PromptEncoder` tokenises them), after CLIP's HTML unescaping. A prompt
+    whose bound exceeds :data:`MAX_PROMPT_TOKENS` can be refused before it reaches
+    the model; one under it may still be too long (a long word is many tokens).
+    """
+    return sum(
+        len(_CLIP_PIECE_RE.findall(html.unescape(html.unescape(fragment)).lower()))
+        for fragment, _ in parse_prompt_weights(prompt)
+    )
+
+
+def check_prompt_length(prompt: str) -> str:
+    """``prompt`` itself, or ValueError when it surely needs more than 3 CLIP windows."""
+    tokens = min_clip_tokens(prompt)
+    if tokens > MAX_PROMPT_TOKENS:
+        raise ValueError(
+            f"at least {tokens} CLIP tokens long, more than the {MAX_PROMPT_TOKENS} supported "
+            f"({DEFAULT_MAX_WINDOWS} windows of {CLIP_WINDOW_TOKENS - 2}); shorten it"
+        )
+    return prompt
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     hits: int
@@ -109,7 +145,7 @@ class PromptEncoder:
         self,
         tokenizer: Any,
         text_encoder: torch.nn.Module,
-        max_windows: int = 3,
+        max_windows: int = DEFAULT_MAX_WINDOWS,
         cache_size: int = 256,
     ) -> None:
         if max_windows < 1:

@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**32 - 1
@@ -25,6 +25,23 @@ DEFAULT_WIDTH = 512
 HEIGHT = 512  # one row per mel bin
 ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+def _fits_clip(text: str) -> str:
+    from riffusion.prompts import check_prompt_length  # torch: only when validating
+
+    return check_prompt_length(text)
+
+
+# Checked where the text arrives, so an error names the field and never reaches a batch.
+PromptText = Annotated[str, AfterValidator(_not_blank), AfterValidator(_fits_clip)]
+NegativePromptText = Annotated[str, AfterValidator(_fits_clip)]
 
 ImageId = Annotated[
     str,
@@ -50,16 +67,17 @@ class SchedulerName(StrEnum):
 class PromptInput(BaseModel):
     """One end of an interpolation: text, seed and how strongly to follow them."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON "5", true or "0.5" are not numbers here.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(
+    prompt: PromptText = Field(
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
         description="What the music should sound like. Supports (word:1.3), (word), [word].",
         examples=["church bells on sunday"],
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Noise seed.", examples=[42])
-    negative_prompt: str | None = Field(
+    negative_prompt: NegativePromptText | None = Field(
         default=None,
         max_length=MAX_PROMPT_CHARS,
         description="What to steer away from (the unconditional branch of guidance).",
@@ -73,12 +91,6 @@ class PromptInput(BaseModel):
     guidance: float = Field(
         default=7.0, ge=0.0, le=MAX_GUIDANCE, description="Classifier-free guidance scale."
     )
-
-    @model_validator(mode="after")
-    def _prompt_not_blank(self) -> PromptInput:
-        if not self.prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return self
 
 
 class GenerationJob(BaseModel):

@@ -1,0 +1,121 @@
+"""Hardening pieces that need no server: probe state, error shape, CLIP token bound."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from riffusion.prompts import MAX_PROMPT_TOKENS, check_prompt_length, min_clip_tokens
+from serving.errors import shape_error_body
+from serving.http import ModelProbe
+
+
+def test_liveness_fails_only_after_the_grace_period_once_ready() -> None:
+    state = {"ready": False}
+
+    async def check() -> bool:
+        return state["ready"]
+
+    async def scenario() -> list[tuple[bool, bool]]:
+        probe = ModelProbe(check, grace_s=0.3, refresh_s=0.0)
+        seen = []
+        await probe.poll()
+        seen.append((probe.ready, probe.alive))  # loading at start-up: not ready, alive
+        state["ready"] = True
+        await probe.poll()
+        seen.append((probe.ready, probe.alive))
+        state["ready"] = False  # worker gone
+        await probe.poll()
+        seen.append((probe.ready, probe.alive))  # within the grace period
+        await asyncio.sleep(0.4)
+        await probe.poll()
+        seen.append((probe.ready, probe.alive))  # past it
+        state["ready"] = True
+        await probe.poll()
+        seen.append((probe.ready, probe.alive))  # back
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        (False, True),
+        (True, True),
+        (False, True),
+        (False, False),
+        (True, True),
+    ]
+
+
+def test_a_hanging_model_check_does_not_hold_the_probe() -> None:
+    async def hang() -> bool:
+        await asyncio.sleep(3600)
+        return True
+
+    async def scenario() -> tuple[float, bool]:
+        probe = ModelProbe(hang, wait_s=0.05, check_timeout_s=0.3)
+        began = time.perf_counter()
+        await probe.poll()
+        waited = time.perf_counter() - began
+        await asyncio.sleep(0.4)  # the background check times out: "not ready"
+        return waited, probe.ready
+
+    waited, ready = asyncio.run(scenario())
+    assert waited < 0.2 and ready is False
+
+
+def test_pydantic_errors_are_reshaped_to_name_the_field() -> None:
+    bentoml_body = {
+        "error": "1 validation error for RunInferenceRequestIODescriptor",
+        "detail": [
+            {"type": "float_type", "loc": ["start", "guidance"], "msg": "bad", "url": "u"},
+        ],
+    }
+    shaped = shape_error_body(400, bentoml_body)
+    assert shaped == {
+        "error": "start.guidance: bad",
+        "detail": [{"loc": ["start", "guidance"], "msg": "bad", "type": "float_type"}],
+    }
+    assert shape_error_body(400, shaped) is None  # already in shape
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "loc"),
+    [
+        (429, {"error": "Too many requests"}, "Too many requests", []),
+        (400, [{"error": "audio: must be a file"}], "audio: must be a file", ["audio"]),
+        (405, {"error": "Method Not Allowed"}, "Method Not Allowed", []),
+        (500, "boom", "boom", []),
+    ],
+)
+def test_other_error_bodies_are_reshaped(status: int, body: object, error: str, loc: list) -> None:
+    shaped = shape_error_body(status, body)
+    assert shaped is not None and shaped["error"] == error
+    assert shaped["detail"][0]["loc"] == loc
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    from riffusion.models import _tiny_tokenizer
+
+    return _tiny_tokenizer()
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=200))
+def test_min_clip_tokens_is_a_lower_bound(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
+    from riffusion.prompts import parse_prompt_weights
+
+    real = sum(
+        len(tokenizer(fragment, add_special_tokens=False, verbose=False).input_ids)
+        for fragment, _ in parse_prompt_weights(text)
+    )
+    assert min_clip_tokens(text) <= real
+
+
+def test_check_prompt_length_refuses_only_sure_overflows() -> None:
+    assert check_prompt_length("church bells " * 50) == "church bells " * 50  # 100 pieces
+    with pytest.raises(ValueError, match=r"at least 500 CLIP tokens.*225"):
+        check_prompt_length("a " * 499 + "a")
+    assert MAX_PROMPT_TOKENS == 225
