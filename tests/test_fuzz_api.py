@@ -1,0 +1,128 @@
+"""Schemathesis against a served instance: no 5xx, and every answer matches the OpenAPI spec.
+
+Bounded for the suite (a few hundred requests, valid ones made cheap by
+``tests/fuzz_hooks.py``). The longer run recorded in docs/benchmarks.md is the same
+command with more examples and every phase (see docs/benchmarks.md):
+``python -m tests.test_fuzz_api URL --api-key KEY --max-examples 300``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from load_tests.server import REPO_ROOT, LocalServer, executable
+
+API_KEY = "fuzz-key"
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
+)
+SUITE_EXAMPLES = 30
+
+
+def schemathesis_command(
+    url: str, api_key: str, max_examples: int, phases: str, seed: int = 1
+) -> list[str]:
+    return [
+        executable("schemathesis"),
+        "run",
+        f"{url}/docs.json",
+        "--header",
+        f"Authorization: Bearer {api_key}",
+        "--checks",
+        ",".join(CHECKS),
+        "--mode",
+        "all",
+        "--phases",
+        phases,
+        "--max-examples",
+        str(max_examples),
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--request-timeout",
+        "300",
+        "--no-shrink",
+    ]
+
+
+def run_fuzz(
+    url: str, api_key: str, max_examples: int, phases: str = "fuzzing"
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks",
+        "PYTHONPATH": str(REPO_ROOT),
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        schemathesis_command(url, api_key, max_examples, phases),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+
+
+def requests_sent(output: str) -> int:
+    """Total test cases schemathesis reports ('N generated' in its summary)."""
+    return sum(int(n) for n in re.findall(r"(\d+) generated", output))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from test_service_api import make_small_library
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    make_small_library(tmp / "seed_images")
+    env = {
+        "RIFFUSION_API_KEY": API_KEY,
+        "RIFFUSION_SEED_IMAGES_DIR": str(tmp / "seed_images"),
+        "RIFFUSION_MAX_UPLOAD_MB": "0.5",
+        "RIFFUSION_MAX_UPLOAD_SECONDS": "3",
+        "RIFFUSION_MAX_LATENCY_MS": "600000",
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with LocalServer(tmp / "serve.log", "tiny", env, 300) as local:
+        yield local.url
+
+
+@pytest.mark.timeout(1200)
+def test_fuzzed_requests_get_no_5xx_and_match_the_spec(server: str) -> None:
+    result = run_fuzz(server, API_KEY, SUITE_EXAMPLES)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert requests_sent(output) >= 150, output[-3000:]
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m tests.test_fuzz_api URL [--max-examples N] [--api-key KEY]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("url")
+    parser.add_argument("--max-examples", type=int, default=300)
+    parser.add_argument("--api-key", default=os.environ.get("RIFFUSION_API_KEY", ""))
+    parser.add_argument("--phases", default="examples,coverage,fuzzing")
+    args = parser.parse_args(argv)
+    result = run_fuzz(args.url, args.api_key, args.max_examples, args.phases)
+    sys.stdout.write(result.stdout + result.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
