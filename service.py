@@ -57,6 +57,7 @@ from serving import http
 from serving.checkpoint import HubCheckpoint
 from serving.errors import ModelOverloaded, error_response, failed
 from serving.openapi import document_api
+from serving.service_info import describe_service
 from serving.ui import ui_routes
 
 logger = logging.getLogger("riffusion.service")
@@ -490,5 +491,7 @@ http.install(
     max_body_bytes=SETTINGS.max_upload_bytes + http.UPLOAD_OVERHEAD_BYTES,
     liveness_grace_s=SETTINGS.liveness_grace_s,
     model_ready=_model_ready,
-    spec_hook=document_api,
+    spec_hook=lambda spec: describe_service(
+        document_api(spec), bearer_auth=bool(SETTINGS.api_key), public_paths=http.PUBLIC_PATHS
+    ),
 )

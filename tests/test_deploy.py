@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,40 @@ def test_bentocloud_deployment_file() -> None:
         == model.config_overrides["traffic"]["concurrency"]
     )
     assert model_env["RIFFUSION_DEVICE"] == "cuda"
+
+
+API_KEY = "deploy-test-key"
+
+
+@pytest.fixture(scope="module")
+def served_with_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from load_tests.server import LocalServer
+
+    tmp = tmp_path_factory.mktemp("served-with-key")
+    env = {
+        "RIFFUSION_API_KEY": API_KEY,
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with LocalServer(tmp / "serve.log", "tiny", env, ready_timeout_s=300) as server:
+        yield server.url
+
+
+def test_openapi_document_describes_the_service_and_its_api_key(served_with_key: str) -> None:
+    import httpx
+
+    from serving.service_info import SECURITY_SCHEME, package_version
+
+    spec = httpx.get(
+        f"{served_with_key}/docs.json", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    ).json()
+    info = spec["info"]
+    assert info["version"] == package_version() != "None"
+    assert "num_inference_steps" in info["description"]
+    assert "BentoML" not in info["description"]
+    scheme = spec["components"]["securitySchemes"][SECURITY_SCHEME]
+    assert scheme == {**scheme, "type": "http", "scheme": "bearer"}
+    assert spec["security"] == [{SECURITY_SCHEME: []}]
+    # Probes and metrics stay open: their operations say so.
+    assert spec["paths"]["/readyz"]["get"]["security"] == []
+    assert "security" not in spec["paths"]["/text_to_audio"]["post"]
