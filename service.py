@@ -1,10 +1,11 @@
-"""BentoML services: ``RiffusionModel`` (GPU, adaptive batching) and ``Riffusion`` (public API).
+"""BentoML services: ``RiffusionModel`` (GPU, real-time engine) and ``Riffusion`` (public API).
 
 Thin glue over the ``riffusion`` library. The API service validates requests,
 looks up seed images, slices/stitches audio and encodes outputs on CPU; every
-clip is sent to the model service as its own call, concurrently, so BentoML's
-adaptive batching merges clips of concurrent requests into one pipeline run
-(one UNet call per denoising step for the whole batch).
+clip is sent to the model service as its own call, concurrently, with the
+request's deadline. The model service's engine lets each clip join the running
+batch at the next denoising step (one UNet call per step for every running
+clip) and drops it when its caller goes away (``RIFFUSION_BATCHING``: see README).
 
 Configuration: ``RIFFUSION_*`` environment variables (see README and
 ``riffusion.api_schemas.ServiceSettings``).
@@ -15,20 +16,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
-from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
-import aiohttp
 import anyio
 import bentoml
-from bentoml.exceptions import BentoMLException
 from bentoml.validators import ContentType
 from PIL import Image
-from prometheus_client import Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -51,43 +49,31 @@ from riffusion.api_schemas import (
     data_url,
 )
 from riffusion.audio import Audio, AudioError, encode_audio, read_audio
+from riffusion.engine import EngineStopped, default_postprocess
 from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
 from riffusion.spectrogram import encode_image
 from serving import http
 from serving.checkpoint import HubCheckpoint
-from serving.errors import ModelOverloaded, error_response, failed
+from serving.errors import error_response, failed
+from serving.metrics import (
+    BATCH_SIZE,
+    DENOISE_STEP,
+    QUEUE_WAIT,
+    EngineMetrics,
+    forget_dead_processes,
+)
+from serving.model_calls import ModelCallError, ModelClient, ModelReply, error_reply, run_isolated
 from serving.openapi import document_api
+from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
 from serving.ui import ui_routes
+
+if TYPE_CHECKING:
+    from riffusion.pipeline import GeneratedClip
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings.from_env()
 http.close_bentoml_input_paths()
-
-# --------------------------------------------------------------------- metrics
-# Names are a contract (dashboards, autoscaler, load tests parse them). BentoML
-# points prometheus_client at its multiprocess directory, so histograms observed
-# in the model service's process appear on the API service's /metrics.
-BATCH_SIZE = Histogram(
-    name="riffusion_batch_size",
-    documentation="Clips per model-service call after adaptive batching.",
-    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
-)
-QUEUE_WAIT = Histogram(
-    name="riffusion_queue_wait_seconds",
-    documentation="Time from the API service sending a clip to its batch starting.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-DENOISE_STEP = Histogram(
-    name="riffusion_denoise_step_seconds",
-    documentation="Wall time of one denoising step (one UNet call for the whole batch).",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-)
-CLIP_LATENCY = Histogram(
-    name="riffusion_clip_latency_seconds",
-    documentation="Time from the API service sending a clip to receiving it back.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10, 15, 20, 30, 60, 120),
-)
 
 
 # ---------------------------------------------------------------- model service
@@ -104,7 +90,11 @@ CLIP_LATENCY = Histogram(
     },
 )
 class RiffusionModel:
-    """Holds the diffusion pipeline on the accelerator and runs batches of jobs."""
+    """Holds the diffusion pipeline on the accelerator; batches jobs as RIFFUSION_BATCHING says.
+
+    ``continuous`` (default): the real-time engine, fed through ``submit`` and ``cancel``;
+    ``adaptive``: BentoML's adaptive batching of ``generate`` calls; ``off``: one at a time.
+    """
 
     # Declared so that `bentoml build` with network access packs the checkpoint
     # into the Bento; `tiny` and local directories need no declaration (offline).
@@ -114,48 +104,106 @@ class RiffusionModel:
         )
 
     def __init__(self) -> None:
-        from riffusion.pipeline import RiffusionPipeline  # heavy: torch, diffusers
+        from riffusion.engine import Engine, EngineConfig  # heavy: torch, diffusers
+        from riffusion.pipeline import RiffusionPipeline
 
+        forget_dead_processes()  # a restarted worker must not inherit its predecessor's gauges
         source = str(self.checkpoint) if SETTINGS.is_hub_model else SETTINGS.model
         self.pipeline = RiffusionPipeline.load(
             source, device=SETTINGS.device, unet_backend=SETTINGS.unet_backend
         )
-        # Serve never runs two batches at once (workers=1, threads=1); the lock
-        # also covers in-process use, where calls arrive from a thread pool.
+        self.metrics = EngineMetrics(self.pipeline.unet_forward)
+        self.engine: Engine | None = None
+        if SETTINGS.batching == "continuous":
+            config = EngineConfig(
+                max_batch_size=SETTINGS.max_batch_size,
+                postprocess=SETTINGS.postprocess or default_postprocess(self.pipeline.device),
+                default_timeout_s=SETTINGS.request_timeout_s,
+            )
+            self.engine = Engine(self.pipeline, config, self.metrics)
+        # adaptive/off: never two batches at once (workers=1); the lock also covers
+        # in-process use, where calls arrive from a thread pool.
         self._lock = threading.Lock()
-        logger.info("Riffusion model loaded: %s", self.pipeline.describe())
+        logger.info("Riffusion model loaded: %s", self._description())
 
     def __is_ready__(self) -> bool:
         return getattr(self, "pipeline", None) is not None
 
+    @bentoml.on_shutdown
+    def _stop_engine(self) -> None:
+        """Finish the jobs in flight (within the grace period), then stop the engine."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(timeout_s=SETTINGS.shutdown_grace_s)
+
     @bentoml.api
     async def describe(self) -> dict[str, Any]:
-        """Model id, tiny or not, device, dtype and UNet backend of the loaded pipeline."""
-        return self.pipeline.describe()
+        """Model id, tiny or not, device, dtype, UNet backend and batching of the loaded model.
+
+        Async: it runs on the event loop and never waits behind a running generation.
+        """
+        return self._description()
+
+    def _description(self) -> dict[str, Any]:
+        return {
+            **self.pipeline.describe(),
+            "batching": SETTINGS.batching,
+            "max_batch_size": SETTINGS.max_batch_size,
+        }
+
+    @bentoml.api
+    async def submit(self, request: ModelRequest) -> ModelReply:
+        """Continuous batching: run one job in the engine, joining at the next step."""
+        if self.engine is None:
+            return error_reply(EngineStopped(f"RIFFUSION_BATCHING={SETTINGS.batching}: no engine"))
+        try:
+            entry = self.engine.submit(request.job, request.timeout_s, request.job_id)
+        except Exception as error:
+            return error_reply(error)
+        try:
+            clip = await asyncio.wrap_future(entry.future)
+        except BaseException as error:  # cancelled here too: the engine sees the future go
+            return error_reply(error)
+        return ModelReply(result=model_result(clip))
+
+    @bentoml.api
+    def cancel(self, job_ids: list[str]) -> int:
+        """Drop these jobs at the next step boundary; answers how many were still running."""
+        if self.engine is None:
+            return 0
+        return sum(self.engine.cancel(job_id) for job_id in job_ids)
 
     @bentoml.api(
-        batchable=SETTINGS.max_batch_size > 1,
+        batchable=SETTINGS.batching == "adaptive",
         max_batch_size=max(2, SETTINGS.max_batch_size),
         max_latency_ms=SETTINGS.max_latency_ms,
     )
-    def generate(self, requests: list[ModelRequest]) -> list[ModelResult]:
-        """Generate one clip per request; adaptive batching hands over a merged list."""
+    def generate(self, requests: list[ModelRequest]) -> list[ModelReply]:
+        """Adaptive batching (or none): one clip per request, a failing job fails alone."""
         started = time.time()
         BATCH_SIZE.observe(len(requests))
         for request in requests:
             QUEUE_WAIT.observe(max(0.0, started - request.submitted_at))
         with self._lock:
-            clips = self.pipeline.run([request.job for request in requests])
-        results = []
-        for request, clip in zip(requests, clips, strict=True):
-            timings = {**clip.timings, "queue": max(0.0, started - request.submitted_at)}
-            results.append(
-                ModelResult.from_parts(encode_image(clip.image), clip.audio, timings, len(requests))
-            )
-        if clips:
-            # Every clip of a batch shares the UNet calls: one observation per batch.
-            DENOISE_STEP.observe(clips[0].timings.get("denoise_per_step", 0.0))
-        return results
+            outcomes = run_isolated(self.pipeline.run, [request.job for request in requests])
+        replies = []
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self.metrics.on_outcome("failed", 0)
+                replies.append(error_reply(outcome))
+                continue
+            outcome.timings["queue"] = max(0.0, started - request.submitted_at)
+            self.metrics.on_outcome("completed", 2 * outcome.steps)
+            DENOISE_STEP.observe(outcome.timings.get("denoise_per_step", 0.0))
+            replies.append(ModelReply(result=model_result(outcome)))
+        return replies
+
+
+def model_result(clip: GeneratedClip) -> ModelResult:
+    """The clip as sent back to the API service: lossless PNG and float32 samples."""
+    return ModelResult.from_parts(
+        encode_image(clip.image), clip.audio, clip.timings, clip.batch_size
+    )
 
 
 # --------------------------------------------------------------- extra routes
@@ -259,52 +307,19 @@ class Riffusion:
             return seed_error
         return self._check_image_id(mask_image_id, "mask", "mask_image_id")
 
-    async def _generate(self, jobs: Sequence[GenerationJob]) -> list[ModelResult]:
-        """Send each job as its own call, concurrently, so adaptive batching merges them."""
-
-        async def call_model(request: ModelRequest) -> Any:
-            try:
-                [result] = await self.model.to_async.generate([request])
-            except BentoMLException as exc:
-                if exc.error_code in (
-                    HTTPStatus.TOO_MANY_REQUESTS,
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    HTTPStatus.GATEWAY_TIMEOUT,
-                ):
-                    raise ModelOverloaded(str(exc)) from exc
-                raise
-            return result
-
-        async def one(job: GenerationJob) -> ModelResult:
-            sent = time.perf_counter()
-            request = ModelRequest(job=job, submitted_at=time.time())
-            try:
-                result = await call_model(request)
-            except aiohttp.ClientConnectionError:
-                # BentoML's inter-service client can reuse a pooled connection the model
-                # service has already closed (bentoml/BentoML#4971). A job is
-                # deterministic and side-effect free, so one retry is safe.
-                logger.warning("model service connection dropped; retrying the clip once")
-                try:
-                    result = await call_model(request)
-                except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                    raise ModelOverloaded(f"model service connection failed: {exc!r}") from exc
-            except TimeoutError as exc:
-                raise ModelOverloaded(f"model service timed out: {exc!r}") from exc
-            CLIP_LATENCY.observe(time.perf_counter() - sent)
-            return ModelResult.model_validate(result)
-
-        return list(await asyncio.gather(*(one(job) for job in jobs)))
-
     async def _generate_or_error(
         self, jobs: Sequence[GenerationJob]
     ) -> tuple[list[ModelResult], Any | None]:
+        """The jobs' results, or the error response of the first clip that failed."""
+        client = ModelClient(self.model, SETTINGS.batching, SETTINGS.request_timeout_s)
         try:
-            return await self._generate(jobs), None
-        except ModelOverloaded:
-            return [], error_response(
-                503, None, "model service is at capacity; retry shortly", {"Retry-After": "5"}
-            )
+            return await client.generate(jobs), None
+        except ModelCallError as failure:
+            error = failure.error
+            headers = {}
+            if error.retry_after_s is not None:
+                headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+            return [], error_response(error.status, None, error.message, headers or None)
 
     @staticmethod
     def _timing_headers(results: Sequence[ModelResult]) -> dict[str, str]:
@@ -495,3 +510,4 @@ http.install(
         document_api(spec), bearer_auth=bool(SETTINGS.api_key), public_paths=http.PUBLIC_PATHS
     ),
 )
+_api_service.add_asgi_middleware(RequestLifetime, default_timeout_s=SETTINGS.request_timeout_s)

@@ -278,6 +278,10 @@ class ModelRequest(BaseModel):
 
     job: GenerationJob
     submitted_at: float = Field(description="time.time() when the API service sent it.")
+    job_id: str = Field(default="", description="The API service's id, for cancelling the job.")
+    timeout_s: float | None = Field(
+        default=None, ge=0, description="Seconds left to answer it (the engine's deadline)."
+    )
 
 
 class ModelResult(BaseModel):
@@ -343,6 +347,11 @@ class ServiceSettings(BaseModel):
     max_upload_duration_s: float = Field(default=120.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)
     request_timeout_s: float = Field(default=300.0, gt=0)
+    batching: Literal["continuous", "adaptive", "off"] = "continuous"
+    # Engine post-processing: "thread" overlaps it with the next steps, "inline" runs it
+    # between steps; None picks by device (see riffusion.engine.default_postprocess).
+    postprocess: Literal["thread", "inline"] | None = None
+    shutdown_grace_s: float = Field(default=30.0, gt=0)
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     liveness_grace_s: float = Field(default=90.0, gt=0)
 
@@ -361,6 +370,9 @@ class ServiceSettings(BaseModel):
             max_concurrency=_env_int("RIFFUSION_MAX_CONCURRENCY", 32),
             request_timeout_s=_env_float("RIFFUSION_REQUEST_TIMEOUT_S", 300.0),
             liveness_grace_s=_env_float("RIFFUSION_LIVENESS_GRACE_S", 90.0),
+            batching=cast(Any, env.get("RIFFUSION_BATCHING") or "continuous"),
+            postprocess=cast(Any, env.get("RIFFUSION_POSTPROCESS") or None),
+            shutdown_grace_s=_env_float("RIFFUSION_SHUTDOWN_GRACE_S", 30.0),
             cors_origins=[
                 origin.strip()
                 for origin in (env.get("RIFFUSION_CORS_ORIGINS") or "*").split(",")

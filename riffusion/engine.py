@@ -40,13 +40,14 @@ import torch
 
 from riffusion.latents import lerp_float
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
-from riffusion.schemas import GenerationJob
+from riffusion.schemas import DEFAULT_WIDTH, HEIGHT, GenerationJob
 
 logger = logging.getLogger(__name__)
 
 PostProcessMode = Literal["thread", "inline"]
 # Weight of the newest sample in the step-time and post-processing averages.
 EWMA_WEIGHT = 0.2
+LATENT_SCALE = 8  # image pixels per latent pixel (the VAE's downsampling)
 
 
 class JobRefused(Exception):
@@ -112,11 +113,19 @@ class EngineJob:
     deadline: float  # time.monotonic()
     submitted_at: float  # time.monotonic()
     expected_steps: int
+    work: int  # latent pixels: what one of its steps costs
     future: Future[GeneratedClip] = field(default_factory=Future)
     state: JobState | None = None
     admitted_at: float | None = None  # time.monotonic() of its first step
     cancel_requested: bool = False
     answered: bool = False
+
+    @property
+    def prepared(self) -> JobState:
+        """The job's pipeline state (it has one from admission on)."""
+        if self.state is None:
+            raise RuntimeError(f"job {self.id} has not been admitted")
+        return self.state
 
     @property
     def steps_done(self) -> int:
@@ -136,6 +145,13 @@ class EngineJob:
         return self.cancel_requested or self.future.cancelled()
 
 
+def default_postprocess(device: torch.device) -> PostProcessMode:
+    """Overlap decode + Griffin-Lim with the next steps on a GPU; on a CPU the two
+    compete for the same cores, and running them between steps measured better
+    (docs/benchmarks.md, "Engine")."""
+    return "thread" if device.type == "cuda" else "inline"
+
+
 def expected_steps(job: GenerationJob) -> int:
     """Denoising steps ``job`` will run (img2img runs the last ``steps * denoising``)."""
     if not job.is_img2img:
@@ -146,33 +162,60 @@ def expected_steps(job: GenerationJob) -> int:
 
 
 class StepTimes:
-    """Measured seconds per denoising step by batch size, for predicting finish times."""
+    """Measured step and post-processing times, for predicting when a job would finish.
+
+    A step costs a fixed overhead plus a part that grows with its work (the latent
+    pixels of every job in it; a 5 s clip is 64 x 64). Steps are averaged per
+    power-of-two bucket of work and a line is fitted through the buckets; with one
+    bucket measured, its time is used as it is. Both err on the side of accepting a
+    job: one that then cannot make its deadline expires rather than waiting forever.
+    """
 
     def __init__(self) -> None:
-        self._by_batch: dict[int, float] = {}
-        self.postprocess_s = 0.0
+        self._seconds: dict[int, float] = {}  # bucket -> average seconds of a step
+        self._work: dict[int, float] = {}  # bucket -> average work of a step
+        self._postprocess_per_work = 0.0
+        self._skipped_first = False
 
     @property
     def measured(self) -> bool:
-        return bool(self._by_batch)
+        return bool(self._seconds)
 
-    def observe(self, batch_size: int, seconds: float) -> None:
-        self._by_batch[batch_size] = _ewma(self._by_batch.get(batch_size), seconds)
+    def observe(self, work: int, seconds: float) -> None:
+        if not self._skipped_first:  # the first step pays one-off warm-up costs
+            self._skipped_first = True
+            return
+        bucket = _bucket(work)
+        self._seconds[bucket] = _ewma(self._seconds.get(bucket), seconds)
+        self._work[bucket] = _ewma(self._work.get(bucket), work)
 
-    def observe_postprocess(self, seconds: float) -> None:
-        self.postprocess_s = _ewma(self.postprocess_s or None, seconds)
+    def observe_postprocess(self, work: int, seconds: float) -> None:
+        self._postprocess_per_work = _ewma(self._postprocess_per_work or None, seconds / work)
 
-    def step_s(self, batch_size: int) -> float:
-        """Seconds per step at ``batch_size``: measured, else scaled from the nearest size."""
-        if batch_size in self._by_batch:
-            return self._by_batch[batch_size]
-        if not self._by_batch:
-            return 0.0
-        smaller = [b for b in self._by_batch if b < batch_size]
-        if smaller:  # a step costs at most linearly more with more jobs
-            nearest = max(smaller)
-            return self._by_batch[nearest] * batch_size / nearest
-        return self._by_batch[min(self._by_batch)]  # and no more for fewer jobs
+    def step_s(self, work: int) -> float:
+        """Predicted seconds of a step over ``work`` latent pixels (0 before any measurement)."""
+        if len(self._seconds) < 2:
+            return next(iter(self._seconds.values()), 0.0)
+        points = [(self._work[b], self._seconds[b]) for b in self._seconds]
+        mean_w = sum(w for w, _ in points) / len(points)
+        mean_s = sum(t for _, t in points) / len(points)
+        spread = sum((w - mean_w) ** 2 for w, _ in points)
+        slope = max(0.0, sum((w - mean_w) * (t - mean_s) for w, t in points) / spread)
+        overhead = max(0.0, mean_s - slope * mean_w)
+        return overhead + slope * work
+
+    def postprocess_s(self, work: int) -> float:
+        return work * self._postprocess_per_work
+
+
+def _bucket(work: int) -> int:
+    return 1 << max(0, int(work) - 1).bit_length()
+
+
+def job_work(job: GenerationJob) -> int:
+    """Latent pixels of ``job`` before it is prepared (seed images assumed 512 px wide)."""
+    width = DEFAULT_WIDTH if job.is_img2img else job.width
+    return (HEIGHT // LATENT_SCALE) * (width // LATENT_SCALE)
 
 
 class Engine:
@@ -223,6 +266,7 @@ class Engine:
             deadline=now + timeout,
             submitted_at=now,
             expected_steps=expected_steps(job),
+            work=job_work(job),
         )
         with self._lock:
             if self._stopping:
@@ -274,15 +318,17 @@ class Engine:
             return 0.0, 0.0
         ahead = [e for _, _, e in self._waiting if e.deadline <= entry.deadline]
         ahead += [e for e in self._inbox if e.deadline <= entry.deadline]
-        batch = min(self.config.max_batch_size, len(self._running) + len(ahead) + 1)
-        step_s = times.step_s(batch)
+        # The step it would run in: the running jobs and those ahead, up to the batch limit.
+        sharing = [*self._running, *ahead][: self.config.max_batch_size - 1]
+        step_s = times.step_s(sum(e.work for e in sharing) + entry.work)
         slots = [e.steps_left * step_s for e in self._running]
         slots += [0.0] * (self.config.max_batch_size - len(slots))
         heapq.heapify(slots)
         for other in sorted(ahead, key=lambda e: e.deadline):
             heapq.heappush(slots, heapq.heappop(slots) + other.expected_steps * step_s)
         start_s = slots[0]
-        return start_s + entry.expected_steps * step_s + times.postprocess_s, start_s
+        finish_s = start_s + entry.expected_steps * step_s + times.postprocess_s(entry.work)
+        return finish_s, start_s
 
     # --- the engine thread -----------------------------------------------------------------------
 
@@ -352,6 +398,7 @@ class Engine:
                 self._resolve(entry, "failed", error)
                 continue
             entry.expected_steps = entry.state.num_steps
+            entry.work = math.prod(entry.state.latent_shape)
             entry.admitted_at = time.monotonic()
             self.observer.on_admitted(entry.admitted_at - entry.submitted_at)
             if entry.state.finished:  # zero denoising steps: straight to post-processing
@@ -361,17 +408,19 @@ class Engine:
 
     def _step(self) -> list[EngineJob]:
         """One denoising step for every running job; returns the jobs that just finished."""
-        began = time.perf_counter()
+        began = time.monotonic()
         batch_size = len(self._running)
-        by_state = {id(e.state): e for e in self._running}
-        states = [e.state for e in self._running if e.state is not None]
-        for group in group_by(states, step_key).values():
+        work = sum(e.work for e in self._running)
+        by_state = {id(e.prepared): e for e in self._running}
+        for group in group_by([e.prepared for e in self._running], step_key).values():
             self._step_group(group, by_state)
-        seconds = time.perf_counter() - began
-        self.step_times.observe(batch_size, seconds)
+        seconds = time.monotonic() - began
+        self.step_times.observe(work, seconds)
         self.observer.on_step(batch_size, seconds, 2 * batch_size)
-        finished = [e for e in self._running if not e.answered and e.state.finished]  # type: ignore[union-attr]
-        self._running = [e for e in self._running if not e.answered and e not in finished]
+        finished = [e for e in self._running if not e.answered and e.prepared.finished]
+        self._running = [e for e in self._running if not e.answered and not e.prepared.finished]
+        for entry in finished:
+            entry.prepared.timings["denoise"] = time.monotonic() - (entry.admitted_at or began)
         return finished
 
     def _step_group(self, group: list[JobState], by_state: dict[int, EngineJob]) -> None:
@@ -415,11 +464,10 @@ class Engine:
 
     def _finish(self, entries: Sequence[EngineJob]) -> None:
         """Decode and vocode finished jobs (one VAE call per latent shape), then answer them."""
-        live = [e for e in entries if e.state is not None]
-        for group in group_by(live, lambda e: e.state.latent_shape).values():
+        for group in group_by(entries, lambda e: e.prepared.latent_shape).values():
             began = time.perf_counter()
             try:
-                clips = self.pipeline.finish([e.state for e in group])
+                clips = self.pipeline.finish([e.prepared for e in group])
             except Exception as error:
                 if len(group) > 1:  # find the job that breaks it; the others still get answers
                     for entry in group:
@@ -427,7 +475,8 @@ class Engine:
                     continue
                 self._resolve(group[0], "failed", error)
                 continue
-            self.step_times.observe_postprocess((time.perf_counter() - began) / len(group))
+            work = sum(e.work for e in group)
+            self.step_times.observe_postprocess(work, time.perf_counter() - began)
             now = time.monotonic()
             for entry, clip in zip(group, clips, strict=True):
                 clip.timings["queue"] = (entry.admitted_at or now) - entry.submitted_at

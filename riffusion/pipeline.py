@@ -84,6 +84,8 @@ class GeneratedClip:
     audio: Audio  # normalised loudness
     timings: dict[str, float]  # seconds: encode/denoise/denoise_per_step/decode/griffin_lim/total
     latents: Tensor  # (1, 4, h, w) float32 on the CPU: final latents before the VAE decode
+    steps: int = 0  # denoising steps it ran
+    batch_size: int = 1  # most jobs that shared one of its UNet forwards
 
 
 @dataclass
@@ -101,6 +103,7 @@ class JobState:
     latents: Tensor  # (1, 4, h, w) float32, updated in the loop
     step_generator: torch.Generator  # for schedulers that draw noise while stepping
     steps_done: int = 0
+    peak_batch_size: int = 1  # most jobs that shared one of its UNet forwards
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -348,6 +351,7 @@ class RiffusionPipeline:
         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)  # (B, 4, h, w) each
 
         for row, state in enumerate(batch):
+            state.peak_batch_size = max(state.peak_batch_size, len(batch))
             uncond = noise_pred_uncond[row : row + 1]
             guided = uncond + state.guidance * (noise_pred_text[row : row + 1] - uncond)
             timestep = state.timestep
@@ -435,6 +439,8 @@ class RiffusionPipeline:
                     audio=audio,
                     timings=timings,
                     latents=state.latents.detach().cpu(),
+                    steps=state.num_steps,
+                    batch_size=state.peak_batch_size,
                 )
             )
         return clips

@@ -15,10 +15,6 @@ from starlette.responses import JSONResponse
 _FIELD_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-class ModelOverloaded(Exception):
-    """The model service refused or timed out a clip: answer 503 instead of waiting."""
-
-
 def error_response(
     status: int, field: str | None, message: str, headers: dict[str, str] | None = None
 ) -> Any:

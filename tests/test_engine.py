@@ -25,6 +25,7 @@ from riffusion.engine import (
     JobCancelled,
     JobExpired,
     JobRefused,
+    StepTimes,
     expected_steps,
 )
 from riffusion.models import build_tiny_components
@@ -297,3 +298,17 @@ def test_a_burst_of_concurrent_submissions_is_answered_exactly_once(
 def test_expected_steps_follow_img2img_denoising() -> None:
     assert expected_steps(job(steps=50)) == 50
     assert expected_steps(job(steps=50, seed_image_id="og_beat")) == 37  # int(50 * 0.75)
+
+
+def test_step_times_fit_overhead_plus_work_and_skip_the_warm_up_step() -> None:
+    times = StepTimes()
+    assert times.step_s(4096) == 0.0 and not times.measured
+    times.observe(512, 9.0)  # the first step pays warm-up costs: ignored
+    times.observe(512, 0.05)
+    # One size measured: its time, not scaled (small clips are mostly overhead).
+    assert times.step_s(4096) == pytest.approx(0.05)
+    times.observe(4096, 0.12)
+    # overhead 0.04 s + 0.02 s per 1024 latent pixels
+    assert times.step_s(512) == pytest.approx(0.05)
+    assert times.step_s(2048) == pytest.approx(0.08)
+    assert times.step_s(8192) == pytest.approx(0.2)

@@ -418,7 +418,7 @@ def test_correct_request_after_errors(client: Any) -> None:
 @pytest.mark.parametrize("failure", ["disconnect", "busy"])
 def test_model_service_failures_answer_503_with_retry_after(client: Any, failure: str) -> None:
     import asyncio
-    from types import MethodType, SimpleNamespace
+    from types import SimpleNamespace
 
     import aiohttp
     from bentoml.exceptions import ServiceUnavailable
@@ -430,16 +430,13 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
 
     calls = []
 
-    async def failing_generate(requests: list[Any]) -> list[Any]:
-        calls.append(requests)
+    async def failing_submit(request: Any) -> Any:
+        calls.append(request)
         if failure == "disconnect":
             raise aiohttp.ServerDisconnectedError()
         raise ServiceUnavailable("busy")
 
-    fake = SimpleNamespace(
-        model=SimpleNamespace(to_async=SimpleNamespace(generate=failing_generate))
-    )
-    fake._generate = MethodType(api._generate, fake)
+    fake = SimpleNamespace(model=SimpleNamespace(to_async=SimpleNamespace(submit=failing_submit)))
     job = GenerationJob(start=PromptInput(prompt="x"), num_inference_steps=STEPS, width=64)
     results, error = asyncio.run(api._generate_or_error(fake, [job]))
     assert results == [] and error is not None

@@ -8,12 +8,17 @@ concurrent requests, auth, CORS and the Prometheus metrics on the public port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -152,11 +157,13 @@ def test_concurrent_requests_are_batched_and_match_solo_results(server: str) -> 
     assert all(r.status_code == 200 for r in together), [r.text for r in together]
     after = _histogram(server, "riffusion_batch_size")
 
-    calls = after["_count"] - before.get("_count", 0.0)
-    clips = after["_sum"] - before.get("_sum", 0.0)
-    assert clips == NUM_CONCURRENT
-    # Fewer model calls than clips: concurrent clips were merged into batches.
-    assert calls < NUM_CONCURRENT
+    # The engine observes the running batch once per denoising step.
+    steps = after["_count"] - before.get("_count", 0.0)
+    job_steps = after["_sum"] - before.get("_sum", 0.0)
+    # Every clip ran all its steps (PNDM's schedule has one more than asked for).
+    assert job_steps / NUM_CONCURRENT in (STEPS, STEPS + 1)
+    # Fewer UNet forwards than job-steps: concurrent clips shared them.
+    assert steps < job_steps
     assert max(int(r.headers["X-Riffusion-Batch-Size"]) for r in together) > 1
 
     # Serve two of them alone (each solo call costs a full clip on CPU).
@@ -186,8 +193,144 @@ def test_custom_metrics_on_public_port(server: str) -> None:
     ):
         histogram = _histogram(server, name)
         assert histogram.get("_count", 0) > 0, f"{name} missing or empty"
-    # The series the Kubernetes autoscaler's adapter rule reads (deploy/kubernetes).
-    assert any(
-        line.startswith("bentoml_service_request_in_progress{") and 'endpoint="/generate"' in line
-        for line in text.splitlines()
+    # The autoscaling signal (deploy/kubernetes) and the engine's queue and job counters.
+    for series in (
+        "riffusion_clips_in_flight ",
+        "riffusion_engine_waiting_jobs ",
+        "riffusion_engine_running_jobs ",
+        'riffusion_engine_jobs_total{event="admitted"} ',
+        'riffusion_engine_jobs_total{event="completed"} ',
+        'riffusion_unet_samples_total{outcome="completed"} ',
+        "riffusion_unet_eager_fallbacks_total ",
+    ):
+        assert any(line.startswith(series) for line in text.splitlines()), series
+
+
+# --- the engine over HTTP: deadlines, disconnects, a killed model worker ----------------------
+
+
+def _sample(base_url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of a metric's samples whose labels include ``labels`` (0 when absent)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
+                total += sample.value
+    return total
+
+
+def _wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+LONG_CLIP = {"prompt": "endless drone", "num_inference_steps": 150, "duration_s": 5.12}
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_retry_after(server: str) -> None:
+    # Two short clips let the engine measure its step time; 150 steps of a 5 s clip
+    # cannot then finish in 50 ms.
+    for seed in (1, 2):
+        warm_up = httpx.post(
+            f"{server}/text_to_audio", json=_text_to_audio_body(seed), headers=AUTH, timeout=300
+        )
+        assert warm_up.status_code == 200
+    began = time.monotonic()
+    response = httpx.post(
+        f"{server}/text_to_audio",
+        json=LONG_CLIP,
+        headers={**AUTH, "X-Riffusion-Timeout-Seconds": "0.05"},
+        timeout=60,
     )
+    assert response.status_code == 503, response.text
+    assert time.monotonic() - began < 5
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "cannot finish within" in response.json()["error"]
+    assert _sample(server, "riffusion_engine_jobs_total", {"event": "refused"}) >= 1
+
+
+def test_a_client_that_disconnects_stops_its_clip_within_a_step(server: str) -> None:
+    cancelled_before = _sample(server, "riffusion_engine_jobs_total", {"event": "cancelled"})
+    body = json.dumps(LONG_CLIP).encode()
+    request = (
+        f"POST /text_to_audio HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(request)
+        client.setblocking(False)
+
+        def running() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                answer = client.recv(4096)
+                raise AssertionError(f"answered before it could be abandoned: {answer[:300]!r}")
+            return _sample(server, "riffusion_engine_running_jobs") >= 1
+
+        _wait_for(running, 60, "the clip to run")
+        # The client goes away (as the web app's proxy does after 60 s).
+    _wait_for(
+        lambda: (
+            _sample(server, "riffusion_engine_jobs_total", {"event": "cancelled"})
+            > cancelled_before
+        ),
+        30,
+        "the engine to cancel the abandoned clip",
+    )
+    _wait_for(lambda: _sample(server, "riffusion_clips_in_flight") == 0, 10, "no clip in flight")
+    # It stopped far short of its 150 steps (300 UNet samples).
+    abandoned = _sample(server, "riffusion_unet_samples_total", {"outcome": "cancelled"})
+    assert 0 < abandoned < 300
+
+
+def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
+    """Run last: kills the model worker mid-clip; BentoML restarts it."""
+    model_workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "riffusion_model" in " ".join(p.info["cmdline"] or [])
+        and any(str(server.rsplit(":", 1)[1]) in arg for arg in _server_cmdlines(p))
+    ]
+    assert len(model_workers) == 1, model_workers
+
+    async def long_request() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=120) as client:
+            return await client.post("/text_to_audio", json=LONG_CLIP)
+
+    async def kill_mid_clip() -> httpx.Response:
+        task = asyncio.create_task(long_request())
+        while _sample(server, "riffusion_engine_running_jobs") < 1:
+            await asyncio.sleep(0.1)
+        model_workers[0].kill()
+        return await task
+
+    response = asyncio.run(kill_mid_clip())
+    assert response.status_code == 503, response.text
+    assert "Retry-After" in response.headers
+    # The worker comes back and the in-flight series fall back to zero (no stuck 1).
+    _wait_for(lambda: httpx.get(f"{server}/readyz", timeout=5).status_code == 200, 180, "readiness")
+    httpx.post(f"{server}/text_to_audio", json=_text_to_audio_body(7), headers=AUTH, timeout=120)
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    in_progress = [
+        line
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_request_in_progress{") and "riffusion_model" in line
+    ]
+    assert in_progress and all(line.endswith(" 0.0") for line in in_progress), in_progress
+    assert _sample(server, "riffusion_clips_in_flight") == 0
+    assert _sample(server, "riffusion_engine_running_jobs") == 0
+
+
+def _server_cmdlines(worker: psutil.Process) -> list[str]:
+    """The command lines of ``worker``'s ancestors (the serve command names the port)."""
+    with contextlib.suppress(psutil.Error):
+        return [" ".join(parent.cmdline()) for parent in worker.parents()]
+    return []

@@ -1,0 +1,204 @@
+"""Calls from the API service to the model service, and what each side makes of them.
+
+API side: ``ModelClient.generate`` sends every clip of a request as its own call
+(so the model service can batch clips of concurrent requests), with the request's
+remaining time as the clip's deadline. If the request goes away (client
+disconnect, timeout, a sibling clip failing), the clips still running are
+cancelled in the model service, so they stop using the UNet within one step.
+
+Model side: every job gets a ``ModelReply``, a clip or a typed error, so one bad
+job never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import BaseModel, Field
+
+from riffusion.api_schemas import ModelRequest, ModelResult
+from riffusion.schemas import GenerationJob
+from serving.metrics import CLIP_LATENCY, CLIPS_IN_FLIGHT
+from serving.request_lifetime import REQUEST_DEADLINE
+
+logger = logging.getLogger(__name__)
+
+BatchingMode = Literal["continuous", "adaptive", "off"]
+
+
+class ModelError(BaseModel):
+    """Why the model service did not produce a clip, as the HTTP answer the API should give."""
+
+    status: int
+    message: str
+    retry_after_s: float | None = Field(default=None, description="for 503: when to retry")
+
+
+class ModelReply(BaseModel):
+    """One job's answer: a clip or an error (never both)."""
+
+    result: ModelResult | None = None
+    error: ModelError | None = None
+
+
+class ModelCallError(Exception):
+    """A clip failed; ``error`` says how the API should answer."""
+
+    def __init__(self, error: ModelError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+# --- model side --------------------------------------------------------------------------------
+
+
+def error_reply(error: BaseException) -> ModelReply:
+    """The reply for a job that raised ``error`` (unexpected errors are logged, not echoed)."""
+    from riffusion.engine import EngineStopped, JobCancelled, JobExpired, JobRefused
+    from riffusion.pipeline import InvalidJobError
+    from riffusion.seed_images import UnknownImageError
+
+    if isinstance(error, JobRefused):
+        return _error(HTTPStatus.SERVICE_UNAVAILABLE, str(error), error.retry_after_s)
+    if isinstance(error, EngineStopped):
+        return _error(HTTPStatus.SERVICE_UNAVAILABLE, str(error), 5.0)
+    if isinstance(error, JobExpired):
+        return _error(HTTPStatus.GATEWAY_TIMEOUT, str(error))
+    if isinstance(error, JobCancelled | asyncio.CancelledError):
+        # Its caller is normally gone; one still waiting may retry.
+        return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the clip was cancelled", 1.0)
+    if isinstance(error, InvalidJobError | UnknownImageError | ValueError):
+        return _error(HTTPStatus.BAD_REQUEST, str(error))
+    logger.error("job failed in the model service", exc_info=error)
+    return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "the model service failed on this clip")
+
+
+def _error(status: int, message: str, retry_after_s: float | None = None) -> ModelReply:
+    return ModelReply(error=ModelError(status=status, message=message, retry_after_s=retry_after_s))
+
+
+def run_isolated(
+    run: Callable[[list[GenerationJob]], list[Any]], jobs: Sequence[GenerationJob]
+) -> list[Any | BaseException]:
+    """``run(jobs)``; if the batch raises, each job again alone, so only bad jobs fail."""
+    try:
+        return list(run(list(jobs)))
+    except Exception as error:
+        if len(jobs) == 1:
+            return [error]
+        logger.warning("a batch of %d jobs failed (%s); running them one by one", len(jobs), error)
+    outcomes: list[Any | BaseException] = []
+    for job in jobs:
+        try:
+            outcomes.extend(run([job]))
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+# --- API side ----------------------------------------------------------------------------------
+
+
+class ModelClient:
+    """The API service's handle on the model service (``bentoml.depends`` object)."""
+
+    def __init__(self, model: Any, mode: BatchingMode, default_timeout_s: float) -> None:
+        self.model = model
+        self.mode = mode
+        self.default_timeout_s = default_timeout_s
+        self._cancellations: set[asyncio.Task[Any]] = set()
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> list[ModelResult]:
+        """One result per job, in order; raises ``ModelCallError`` for the first clip that fails.
+
+        Clips run concurrently; when one fails or the caller is cancelled, the others
+        are cancelled too (in the model service as well).
+        """
+        deadline = REQUEST_DEADLINE.get() or time.monotonic() + self.default_timeout_s
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._one(job, deadline)) for job in jobs]
+        except* ModelCallError as failures:
+            raise failures.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def _one(self, job: GenerationJob, deadline: float) -> ModelResult:
+        sent = time.perf_counter()
+        request = ModelRequest(
+            job=job,
+            submitted_at=time.time(),
+            job_id=uuid.uuid4().hex,
+            timeout_s=max(0.0, deadline - time.monotonic()),
+        )
+        CLIPS_IN_FLIGHT.inc()
+        try:
+            reply = await self._call(request)
+        except asyncio.CancelledError:
+            self._cancel_in_model(request.job_id)
+            raise
+        finally:
+            CLIPS_IN_FLIGHT.dec()
+        if reply.error is not None:
+            raise ModelCallError(reply.error)
+        assert reply.result is not None
+        CLIP_LATENCY.observe(time.perf_counter() - sent)
+        return reply.result
+
+    async def _call(self, request: ModelRequest) -> ModelReply:
+        """One model call; retries once on a dropped pooled connection, maps failures to 503."""
+        from bentoml.exceptions import BentoMLException
+
+        for attempt in (1, 2):
+            try:
+                if self.mode == "continuous":
+                    answer = await self.model.to_async.submit(request)
+                else:
+                    [answer] = await self.model.to_async.generate([request])
+                return ModelReply.model_validate(answer)
+            except aiohttp.ClientConnectionError as error:
+                # BentoML's client can reuse a pooled connection the model service already
+                # closed (bentoml/BentoML#4971). Jobs are deterministic: one retry is safe.
+                if attempt == 2:
+                    raise _unavailable(f"model service connection failed: {error!r}") from error
+                logger.warning("model service connection dropped; retrying the clip once")
+            except TimeoutError as error:
+                raise ModelCallError(
+                    ModelError(status=504, message="the model service timed out")
+                ) from error
+            except BentoMLException as error:
+                if error.error_code in (
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    HTTPStatus.GATEWAY_TIMEOUT,
+                ):
+                    raise _unavailable(
+                        "the model service is at capacity or restarting; retry shortly"
+                    ) from error
+                raise
+        raise AssertionError("unreachable")
+
+    def _cancel_in_model(self, job_id: str) -> None:
+        """Tell the model service to drop ``job_id`` (continuous mode; fire and forget)."""
+        if self.mode != "continuous":
+            return
+
+        async def cancel() -> None:
+            try:
+                await self.model.to_async.cancel(job_ids=[job_id])
+            except Exception as error:  # the job then ends at its deadline instead
+                logger.warning("could not cancel job %s in the model service: %r", job_id, error)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._cancellations.add(task)
+        task.add_done_callback(self._cancellations.discard)
+
+
+def _unavailable(message: str) -> ModelCallError:
+    return ModelCallError(ModelError(status=503, message=message, retry_after_s=5.0))
