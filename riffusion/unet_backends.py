@@ -143,14 +143,20 @@ class ShapeCheckedTracedUNet:
         self._reported: set[tuple[int, ...]] = set()
 
     def __call__(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
-        reason = self.signature.mismatch(latents, text_embeddings)
+        chunks = self._chunk_sizes(len(latents))
+        reason = self.signature.mismatch(
+            _pad_batch(latents[: chunks[0]], chunks[0]), text_embeddings
+        )
         if reason is None:
-            self.traced_calls += 1
-            output = self.traced_module(
-                latents, timesteps.to(self._timestep_dtype), text_embeddings
-            )
-            # The checkpoint's trace returns a 1-tuple; ours returns the tensor.
-            return output[0] if isinstance(output, tuple | list) else output
+            self.traced_calls += len(chunks)
+            outputs, start = [], 0
+            for size in chunks:
+                end = min(start + size, len(latents))
+                inputs = (latents[start:end], timesteps[start:end], text_embeddings[start:end])
+                padded = [_pad_batch(tensor, size) for tensor in inputs]
+                outputs.append(self._traced(*padded)[: end - start])
+                start = end
+            return torch.cat(outputs)
         shape_key = (*latents.shape, text_embeddings.shape[1])
         if shape_key not in self._reported:
             self._reported.add(shape_key)
@@ -159,6 +165,67 @@ class ShapeCheckedTracedUNet:
             )
         self.eager_calls += 1
         return self.eager(latents, timesteps, text_embeddings)
+
+    def _traced(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
+        output = self.traced_module(latents, timesteps.to(self._timestep_dtype), text_embeddings)
+        # The checkpoint's trace returns a 1-tuple; ours returns the tensor.
+        return output[0] if isinstance(output, tuple | list) else output
+
+    def _chunk_sizes(self, batch: int) -> list[int]:
+        """Traced batch sizes that cover ``batch`` samples (the last one padded if needed).
+
+        A trace made for fixed batch sizes (the checkpoint's: 2) still serves every batch
+        the engine forms: largest fitting size first, the rest padded up to a traced size.
+        """
+        allowed = self.signature.batch_sizes
+        if allowed is None or batch in allowed:
+            return [batch]
+        sizes, left = [], batch
+        while left > 0:
+            fitting = [size for size in allowed if size <= left]
+            size = max(fitting) if fitting else min(allowed)
+            sizes.append(size)
+            left -= size
+        return sizes
+
+
+class BucketedUNet:
+    """Pads every call's batch up to the next of a few sizes, so a compiled UNet sees few shapes.
+
+    ``torch.compile`` specialises on shapes: without buckets, each new batch size the
+    engine forms would recompile (minutes for the full UNet) on the hot path. Padding
+    repeats the last sample; the UNet treats samples independently, so the real rows of
+    the output are unchanged.
+    """
+
+    def __init__(self, forward: UNetFunction, max_batch: int = 64) -> None:
+        self.forward = forward
+        self.buckets = tuple(1 << i for i in range(max(1, max_batch - 1).bit_length() + 1))
+        self.padded_calls = 0
+        self.eager_calls = 0  # never falls back; kept for the fallback metric
+
+    def bucket(self, batch: int) -> int:
+        return next((size for size in self.buckets if size >= batch), batch)
+
+    def __call__(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
+        batch = len(latents)
+        size = self.bucket(batch)
+        if size != batch:
+            self.padded_calls += 1
+        output = self.forward(
+            _pad_batch(latents, size),
+            _pad_batch(timesteps, size),
+            _pad_batch(text_embeddings, size),
+        )
+        return output[:batch]
+
+
+def _pad_batch(tensor: Tensor, size: int) -> Tensor:
+    """``tensor`` with its last row repeated until it has ``size`` rows."""
+    missing = size - len(tensor)
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
 
 
 def prepare_unet(
@@ -185,7 +252,8 @@ def prepare_unet(
     if backend == "compiled":
         mode = compile_mode or os.environ.get(COMPILE_MODE_ENV_VAR) or None
         logger.info("compiling the UNet with torch.compile (mode=%s)", mode or "default")
-        return EagerUNet(torch.compile(components.unet, mode=mode))  # type: ignore[arg-type]
+        compiled = EagerUNet(torch.compile(components.unet, mode=mode, dynamic=False))  # type: ignore[arg-type]
+        return BucketedUNet(compiled)
     traced, reason = _load_traced(components, traced_path, eager)
     if traced is None:
         logger.warning("traced UNet backend unavailable: %s; falling back to eager", reason)

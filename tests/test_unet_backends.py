@@ -8,6 +8,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from riffusion.models import (
     save_components,
 )
 from riffusion.unet_backends import (
+    BucketedUNet,
     EagerUNet,
     ShapeCheckedTracedUNet,
     TraceError,
@@ -195,14 +197,50 @@ def test_checkpoint_trace_used_where_shapes_fit(
         )
     assert (unet.traced_calls, unet.eager_calls) == (1, 0)
 
-    # (b) batch 4 does not fit the checkpoint's fixed batch: eager, with the reason logged.
-    latents, timesteps, text = _inputs(4, [999.0, 500.0, 250.0, 1.0])
+    # (b) batches the checkpoint's fixed size does not fit (the engine forms any even
+    # size, 2 per job) run as traced chunks of 2, the odd rest padded: never eager.
+    for batch, calls in ((4, 2), (3, 2), (6, 3), (1, 1)):
+        latents, timesteps, text = _inputs(batch, torch.linspace(999.0, 1.0, batch).tolist())
+        before = unet.traced_calls
+        with torch.no_grad():
+            chunked = unet(latents, timesteps, text)
+            torch.testing.assert_close(
+                chunked, eager(latents, timesteps, text), rtol=0, atol=FP32_TOLERANCE
+            )
+        assert unet.traced_calls - before == calls
+    assert unet.eager_calls == 0
+
+    # (c) another latent size still cannot use it: eager, with the reason logged.
+    latents, timesteps, text = _inputs(2, [999.0, 1.0], size=32)
     with caplog.at_level(logging.WARNING, logger=unet_backends.__name__), torch.no_grad():
         routed = unet(latents, timesteps, text)
-    assert (unet.traced_calls, unet.eager_calls) == (1, 1)
-    assert any("batch size 4" in record.getMessage() for record in caplog.records)
+    assert unet.eager_calls == 1
+    assert any("latent size 32x32" in record.getMessage() for record in caplog.records)
     with torch.no_grad():
         assert torch.equal(routed, eager(latents, timesteps, text))
+
+
+def test_bucketed_unet_pads_to_few_batch_sizes_without_changing_rows(
+    tiny: RiffusionComponents,
+) -> None:
+    eager = EagerUNet(tiny.unet)
+    seen: list[int] = []
+
+    def recording(latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> Any:
+        seen.append(len(latents))
+        return eager(latents, timesteps, text)
+
+    bucketed = BucketedUNet(recording, max_batch=16)
+    assert bucketed.buckets == (1, 2, 4, 8, 16)
+    for batch in (1, 2, 3, 6, 10):
+        latents, timesteps, text = _inputs(batch, torch.linspace(900.0, 10.0, batch).tolist())
+        with torch.no_grad():
+            output = bucketed(latents, timesteps, text)
+            torch.testing.assert_close(
+                output, eager(latents, timesteps, text), rtol=0, atol=FP32_TOLERANCE
+            )
+    assert seen == [1, 2, 4, 8, 16]
+    assert bucketed.padded_calls == 3
 
 
 def test_checkpoint_trace_for_another_device_falls_back(
