@@ -1,7 +1,9 @@
 """Service benchmark: throughput and latency with adaptive batching on vs off.
 
+(The real-time engine against both: bench/bench_engine.py.)
+
 Starts `bentoml serve service:Riffusion` (tiny model unless told otherwise) on
-127.0.0.1 twice — RIFFUSION_MAX_BATCH_SIZE=<n> (batching on) and =1 (off) —
+127.0.0.1 twice — RIFFUSION_BATCHING=adaptive (batching on) and =off —
 and at each concurrency level sends a fixed number of text-to-audio requests
 from that many concurrent clients. Reports requests/s, p50/p99 latency, and the
 server overhead per request: end-to-end latency minus the pipeline time the
@@ -51,10 +53,13 @@ class LevelResult:
 
 
 @contextmanager
-def serve(model: str, max_batch_size: int, timeout_s: float = 300) -> Iterator[str]:
+def serve(
+    model: str, max_batch_size: int, batching: str = "adaptive", timeout_s: float = 300
+) -> Iterator[str]:
     """A local server without an API key; yields its base URL once /readyz answers."""
     with tempfile.TemporaryDirectory() as home:
         env: dict[str, str | None] = {
+            "RIFFUSION_BATCHING": batching,
             "RIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
             "RIFFUSION_MAX_LATENCY_MS": "600000",
             "RIFFUSION_MAX_CONCURRENCY": "256",
@@ -177,9 +182,9 @@ def main(
         "format": "wav",
     }
     results: list[LevelResult] = []
-    for mode, batch_size in (("batching on", max_batch_size), ("batching off", 1)):
-        console.print(f"[bold]{mode}[/] (RIFFUSION_MAX_BATCH_SIZE={batch_size})")
-        with serve(model, batch_size) as url:
+    for mode, batching in (("batching on", "adaptive"), ("batching off", "off")):
+        console.print(f"[bold]{mode}[/] (RIFFUSION_BATCHING={batching})")
+        with serve(model, max_batch_size, batching) as url:
             asyncio.run(_run_level(url, 1, 2, body))  # warm-up: first-call costs
             for concurrency in levels:
                 num_requests = requests_per_level or max(4, concurrency)

@@ -1,0 +1,293 @@
+"""Real-time serving benchmark: continuous batching vs adaptive batching vs none, in one run.
+
+Open loop, as real listeners are: requests arrive as a Poisson process at a fixed
+offered rate whether or not earlier ones are done. For each batching mode
+(RIFFUSION_BATCHING) it serves the model on 127.0.0.1 and offers the web app's
+request (run_inference, seed image og_beat, denoising 0.75) at fractions of the
+capacity measured at the start of the run (a closed-loop burst, continuous mode),
+so every mode sees the same absolute rates and the same arrival times. Reports
+p50/p95/p99 latency, throughput and the share of clips answered within the
+real-time deadline (one clip's playing time, 5.12 s at 512 px).
+
+Then the cancellation scenario: clients send clips and abandon them after a few
+seconds; the model's `riffusion_unet_samples_total` counts what was computed, so
+the samples spent on abandoned clips are measured before (adaptive: no
+cancellation) and after (continuous: cancelled within one step).
+
+    uv run --frozen --all-extras python -m bench.bench_engine --output bench/engine.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from bench.bench_service import serve
+
+console = Console()
+MODES = ("continuous", "adaptive", "off")
+
+
+@dataclass
+class LoadResult:
+    mode: str
+    load: float  # fraction of the measured capacity
+    offered_rps: float
+    requests: int
+    ok: int
+    throughput_rps: float
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    realtime_share: float  # answered 200 within the deadline, of all offered
+
+
+@dataclass
+class AbandonResult:
+    mode: str
+    abandoned: int
+    unet_samples: float  # computed for the abandoned clips (they had no other traffic)
+    samples_per_clip: int  # a full clip's samples, for scale
+
+
+def web_app_body(seed: int, steps: int) -> dict[str, object]:
+    return {
+        "alpha": (seed % 5) / 4,
+        "num_inference_steps": steps,
+        "seed_image_id": "og_beat",
+        "mask_image_id": None,
+        "start": {"prompt": "church bells on sunday", "seed": seed, "denoising": 0.75},
+        "end": {"prompt": "jazz with piano", "seed": seed + 1, "denoising": 0.75},
+    }
+
+
+async def _post(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, int]:
+    began = time.perf_counter()
+    try:
+        response = await client.post("/run_inference/", json=body)
+        status = response.status_code
+    except httpx.HTTPError:
+        status = 0
+    return time.perf_counter() - began, status
+
+
+async def measure_capacity(url: str, steps: int, clips: int) -> float:
+    """Clips per second when ``clips`` are sent at once (closed loop, saturated)."""
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        await _post(client, web_app_body(0, steps))  # warm-up: first-call costs
+        began = time.perf_counter()
+        results = await asyncio.gather(
+            *(_post(client, web_app_body(i, steps)) for i in range(clips))
+        )
+        wall = time.perf_counter() - began
+    if any(status != 200 for _, status in results):
+        raise click.ClickException(f"capacity run failed: {[s for _, s in results]}")
+    return clips / wall
+
+
+async def open_loop(
+    url: str, arrivals: list[float], steps: int, timeout_s: float
+) -> tuple[list[tuple[float, int]], float]:
+    """Send one request at each arrival time (seconds from now); (latency, status) each."""
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
+        began = time.perf_counter()
+
+        async def fire(index: int, at: float) -> tuple[float, int]:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - began)))
+            return await _post(client, web_app_body(1000 + index, steps))
+
+        results = await asyncio.gather(*(fire(i, at) for i, at in enumerate(arrivals)))
+        return list(results), time.perf_counter() - began
+
+
+def summarise(
+    mode: str,
+    load: float,
+    rate: float,
+    results: list[tuple[float, int]],
+    wall_s: float,
+    deadline_s: float,
+) -> LoadResult:
+    ok = np.array([latency for latency, status in results if status == 200])
+    percentile = (lambda q: float(np.percentile(ok, q))) if len(ok) else (lambda q: float("nan"))
+    return LoadResult(
+        mode=mode,
+        load=load,
+        offered_rps=rate,
+        requests=len(results),
+        ok=len(ok),
+        throughput_rps=len(ok) / wall_s,
+        p50_s=percentile(50),
+        p95_s=percentile(95),
+        p99_s=percentile(99),
+        realtime_share=float(np.sum(ok <= deadline_s)) / max(1, len(results)),
+    )
+
+
+def unet_samples(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "riffusion_unet_samples_total"
+    )
+
+
+async def abandon(url: str, clips: int, after_s: float, steps: int) -> None:
+    """Send ``clips`` requests at once and close every connection after ``after_s``."""
+    async with httpx.AsyncClient(base_url=url, timeout=after_s) as client:
+        await asyncio.gather(*(_post(client, web_app_body(5000 + i, steps)) for i in range(clips)))
+
+
+def wait_idle(url: str, settle_s: float = 3.0, limit_s: float = 600.0) -> None:
+    """Wait until the UNet sample count stops moving (abandoned work, if any, is done)."""
+    deadline = time.monotonic() + limit_s
+    last = unet_samples(url)
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = unet_samples(url)
+        if now == last:
+            return
+        last = now
+
+
+def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
+    table = Table(title=f"Open loop (Poisson arrivals); real time = answered within {deadline_s} s")
+    for column in (
+        "mode",
+        "load",
+        "offered/s",
+        "req",
+        "ok",
+        "thru/s",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "real-time",
+    ):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            r.mode,
+            f"{r.load:.0%}",
+            f"{r.offered_rps:.3f}",
+            str(r.requests),
+            str(r.ok),
+            f"{r.throughput_rps:.3f}",
+            f"{r.p50_s:.2f}",
+            f"{r.p95_s:.2f}",
+            f"{r.p99_s:.2f}",
+            f"{r.realtime_share:.0%}",
+        )
+    return table
+
+
+@click.command()
+@click.option("--model", default="tiny", show_default=True, help="RIFFUSION_MODEL to serve.")
+@click.option("--modes", default=",".join(MODES), show_default=True)
+@click.option("--loads", default="0.5,0.8,1.1", show_default=True, help="Fractions of capacity.")
+@click.option("--seconds", type=float, default=60.0, show_default=True, help="Per load level.")
+@click.option("--steps", type=click.IntRange(1, 150), default=20, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--capacity-clips", type=int, default=8, show_default=True)
+@click.option("--deadline-s", type=float, default=5.12, show_default=True)
+@click.option("--abandon-clips", type=int, default=4, show_default=True)
+@click.option("--abandon-after-s", type=float, default=3.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(
+    model: str,
+    modes: str,
+    loads: str,
+    seconds: float,
+    steps: int,
+    max_batch_size: int,
+    capacity_clips: int,
+    deadline_s: float,
+    abandon_clips: int,
+    abandon_after_s: float,
+    seed: int,
+    output: Path | None,
+) -> None:
+    """Latency percentiles, throughput and real-time share per batching mode and load."""
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    load_list = [float(x) for x in loads.split(",")]
+    capacity = 0.0
+    load_results: list[LoadResult] = []
+    abandon_results: list[AbandonResult] = []
+    for mode in mode_list:
+        console.print(f"[bold]{mode}[/] (RIFFUSION_BATCHING={mode})")
+        with serve(model, max_batch_size, mode) as url:
+            measured = asyncio.run(measure_capacity(url, steps, capacity_clips))
+            console.print(f"  closed-loop capacity: {measured:.3f} clips/s")
+            capacity = capacity or measured  # every mode gets the first mode's rates
+            for load in load_list:
+                rate = load * capacity
+                rng = random.Random(seed)  # the same arrival times for every mode
+                arrivals, at = [], 0.0
+                while (at := at + rng.expovariate(rate)) < seconds:
+                    arrivals.append(at)
+                results, wall = asyncio.run(open_loop(url, arrivals, steps, timeout_s=600))
+                load_results.append(summarise(mode, load, rate, results, wall, deadline_s))
+                console.print(
+                    f"  load {load:.0%}: p95 {load_results[-1].p95_s:.2f} s, "
+                    f"real-time {load_results[-1].realtime_share:.0%}"
+                )
+            if abandon_clips:
+                wait_idle(url)
+                before = unet_samples(url)
+                asyncio.run(abandon(url, abandon_clips, abandon_after_s, steps))
+                wait_idle(url)
+                spent = unet_samples(url) - before
+                full = 2 * int(steps * 0.75)
+                abandon_results.append(AbandonResult(mode, abandon_clips, spent, full))
+                console.print(
+                    f"  abandoned {abandon_clips} clips after {abandon_after_s} s: "
+                    f"{spent:.0f} UNet samples spent on them (a full clip is {full})"
+                )
+    console.print(_load_table(load_results, deadline_s))
+    for r in abandon_results:
+        console.print(
+            f"{r.mode}: {r.unet_samples:.0f} UNet samples on {r.abandoned} abandoned clips "
+            f"({r.unet_samples / max(1, r.abandoned * r.samples_per_clip):.0%} of their full cost)"
+        )
+    by_key = {(r.mode, r.load): r for r in load_results}
+    for load in load_list:
+        cont, adapt = by_key.get(("continuous", load)), by_key.get(("adaptive", load))
+        if cont and adapt and adapt.p95_s:
+            console.print(
+                f"load {load:.0%}: continuous p95 / adaptive p95 "
+                f"= {cont.p95_s / adapt.p95_s:.2f}x, "
+                f"throughput ratio {cont.throughput_rps / max(adapt.throughput_rps, 1e-9):.2f}x"
+            )
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "model": model,
+        "steps": steps,
+        "max_batch_size": max_batch_size,
+        "capacity_clips_per_s": capacity,
+        "deadline_s": deadline_s,
+        "loads": [asdict(r) for r in load_results],
+        "abandoned": [asdict(r) for r in abandon_results],
+    }
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
