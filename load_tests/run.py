@@ -226,8 +226,8 @@ def _default_output() -> Path:
     "--server-env",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Extra environment for the local server, e.g. RIFFUSION_MAX_BATCH_SIZE=1 "
-    "to turn batching off. Repeatable.",
+    help="Extra environment for the local server, e.g. RIFFUSION_BATCHING=adaptive "
+    "(or =off) to compare with the real-time engine. Repeatable.",
 )
 @click.option(
     "--server-timeout",

@@ -4,7 +4,7 @@
 (so the API and model-service workers die with it), waits for ``/readyz`` and stops
 the whole group on exit::
 
-    with LocalServer(log_path, model="tiny", env={"RIFFUSION_MAX_BATCH_SIZE": "1"}) as server:
+    with LocalServer(log_path, model="tiny", env={"RIFFUSION_BATCHING": "off"}) as server:
         httpx.get(f"{server.url}/readyz")
 
 Deliberately free of locust: importing locust monkey-patches the standard library.
@@ -112,7 +112,7 @@ class LocalServer:
     """``bentoml serve service:Riffusion`` on a free loopback port, in its own process group.
 
     ``env`` adds to (or, with ``None``, removes from) this process's environment, e.g.
-    ``RIFFUSION_MAX_BATCH_SIZE``, ``RIFFUSION_API_KEY`` or a temporary ``BENTOML_HOME``.
+    ``RIFFUSION_BATCHING``, ``RIFFUSION_API_KEY`` or a temporary ``BENTOML_HOME``.
     Usage tracking is off unless ``env`` sets ``BENTOML_DO_NOT_TRACK`` otherwise.
     """
 
