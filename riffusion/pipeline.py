@@ -63,7 +63,7 @@ from riffusion.spectrogram import (
     image_from_pixels,
     mel_amplitudes_from_pixels,
 )
-from riffusion.unet_backends import UNetBackend, prepare_unet
+from riffusion.unet_backends import UNetBackend, backend_in_use, prepare_unet
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,10 @@ class RiffusionPipeline:
         self.components = components
         self.device = components.device
         self.dtype = components.dtype
-        self.unet_backend = unet_backend
         self.unet_forward = prepare_unet(components, unet_backend)
+        self.unet_backend_requested = unet_backend
+        # What runs: a traced backend without a usable trace fell back to eager.
+        self.unet_backend = backend_in_use(self.unet_forward)
         self.prompt_encoder = PromptEncoder(components.tokenizer, components.text_encoder)
         self.seed_images = seed_images if seed_images is not None else SeedImageLibrary()
         self.spectrogram_params = spectrogram_params or SpectrogramParams()
@@ -175,6 +177,7 @@ class RiffusionPipeline:
         return {
             **self.components.describe(),
             "unet_backend": self.unet_backend,
+            "unet_backend_requested": self.unet_backend_requested,
             "griffin_lim_iters": self.spectrogram_params.num_griffin_lim_iters,
         }
 

@@ -228,6 +228,15 @@ def _pad_batch(tensor: Tensor, size: int) -> Tensor:
     return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
 
 
+def backend_in_use(unet_forward: UNetFunction) -> UNetBackend:
+    """Which backend ``prepare_unet`` actually returned (eager after a traced fallback)."""
+    if isinstance(unet_forward, ShapeCheckedTracedUNet):
+        return "traced"
+    if isinstance(unet_forward, BucketedUNet):
+        return "compiled"
+    return "eager"
+
+
 def prepare_unet(
     components: RiffusionComponents,
     backend: UNetBackend | str = "eager",

@@ -27,6 +27,7 @@ from riffusion.unet_backends import (
     EagerUNet,
     ShapeCheckedTracedUNet,
     TraceError,
+    backend_in_use,
     prepare_unet,
     trace_unet,
 )
@@ -318,3 +319,14 @@ def test_compiled_matches_eager(tiny: RiffusionComponents) -> None:
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_pipeline_reports_the_backend_that_runs_not_the_one_asked_for(
+    tiny: RiffusionComponents, traced_dir: Path
+) -> None:
+    from riffusion.pipeline import RiffusionPipeline
+
+    fell_back = RiffusionPipeline(tiny, "traced").describe()  # the tiny model has no trace
+    assert (fell_back["unet_backend"], fell_back["unet_backend_requested"]) == ("eager", "traced")
+    assert backend_in_use(prepare_unet(tiny, "traced", traced_path=traced_dir)) == "traced"
+    assert backend_in_use(BucketedUNet(EagerUNet(tiny.unet))) == "compiled"
