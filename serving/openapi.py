@@ -77,8 +77,24 @@ def _model_schema(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
     return dict(schema)
 
 
+def _mark_nullable(node: Any) -> None:
+    """``nullable`` on every property defaulting to null (BentoML drops ``X | None``)."""
+    if isinstance(node, dict):
+        properties = node.get("properties")
+        if isinstance(properties, dict):
+            for prop in properties.values():
+                if isinstance(prop, dict) and "default" in prop and prop["default"] is None:
+                    prop["nullable"] = True
+        for value in node.values():
+            _mark_nullable(value)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_nullable(value)
+
+
 def document_api(bentoml_spec: dict[str, Any]) -> dict[str, Any]:
     spec = copy.deepcopy(bentoml_spec)
+    _mark_nullable(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(ERROR_SCHEMAS)
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):

@@ -119,3 +119,25 @@ def test_check_prompt_length_refuses_only_sure_overflows() -> None:
     with pytest.raises(ValueError, match=r"at least 500 CLIP tokens.*225"):
         check_prompt_length("a " * 499 + "a")
     assert MAX_PROMPT_TOKENS == 225
+
+
+def test_spec_marks_null_defaults_nullable() -> None:
+    from serving.openapi import document_api
+
+    body = {
+        "type": "object",
+        "properties": {
+            "mask_image_id": {"type": "string", "default": None},
+            "n": {"type": "integer"},
+        },
+    }
+    spec = {
+        "paths": {
+            "/x": {"post": {"requestBody": {"content": {"application/json": {"schema": body}}}}}
+        },
+        "components": {"schemas": {}},
+    }
+    schema = document_api(spec)["paths"]["/x"]["post"]["requestBody"]["content"]["application/json"]
+    properties = schema["schema"]["properties"]
+    assert properties["mask_image_id"]["nullable"] is True
+    assert "nullable" not in properties["n"]
