@@ -153,16 +153,36 @@ async def abandon(url: str, clips: int, after_s: float, steps: int) -> None:
         await asyncio.gather(*(_post(client, web_app_body(5000 + i, steps)) for i in range(clips)))
 
 
-def wait_idle(url: str, settle_s: float = 3.0, limit_s: float = 600.0) -> None:
-    """Wait until the UNet sample count stops moving (abandoned work, if any, is done)."""
+def busy(url: str) -> bool:
+    """Whether the model service still has work: engine jobs or model calls in progress."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            engine_jobs = sample.name in (
+                "riffusion_engine_running_jobs",
+                "riffusion_engine_waiting_jobs",
+            )
+            model_calls = (
+                sample.name == "bentoml_service_request_in_progress"
+                and "riffusion_model" in sample.labels.values()
+            )
+            if (engine_jobs or model_calls) and sample.value > 0:
+                return True
+    return False
+
+
+def wait_idle(url: str, settle_s: float = 2.0, limit_s: float = 900.0) -> None:
+    """Wait until the model service has had nothing to do for ``settle_s`` (work is counted)."""
     deadline = time.monotonic() + limit_s
-    last = unet_samples(url)
+    quiet_since: float | None = None
     while time.monotonic() < deadline:
-        time.sleep(settle_s)
-        now = unet_samples(url)
-        if now == last:
+        if busy(url):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_s:
             return
-        last = now
+        time.sleep(0.5)
 
 
 def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
@@ -199,7 +219,12 @@ def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
 @click.command()
 @click.option("--model", default="tiny", show_default=True, help="RIFFUSION_MODEL to serve.")
 @click.option("--modes", default=",".join(MODES), show_default=True)
-@click.option("--loads", default="0.5,0.8,1.1", show_default=True, help="Fractions of capacity.")
+@click.option(
+    "--loads",
+    default="0.5,0.8,1.1",
+    show_default=True,
+    help="Fractions of capacity ('' for the cancellation scenario only).",
+)
 @click.option("--seconds", type=float, default=60.0, show_default=True, help="Per load level.")
 @click.option("--steps", type=click.IntRange(1, 150), default=20, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -225,16 +250,17 @@ def main(
 ) -> None:
     """Latency percentiles, throughput and real-time share per batching mode and load."""
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    load_list = [float(x) for x in loads.split(",")]
+    load_list = [float(x) for x in loads.split(",") if x.strip()]
     capacity = 0.0
     load_results: list[LoadResult] = []
     abandon_results: list[AbandonResult] = []
     for mode in mode_list:
         console.print(f"[bold]{mode}[/] (RIFFUSION_BATCHING={mode})")
         with serve(model, max_batch_size, mode) as url:
-            measured = asyncio.run(measure_capacity(url, steps, capacity_clips))
-            console.print(f"  closed-loop capacity: {measured:.3f} clips/s")
-            capacity = capacity or measured  # every mode gets the first mode's rates
+            if load_list:
+                measured = asyncio.run(measure_capacity(url, steps, capacity_clips))
+                console.print(f"  closed-loop capacity: {measured:.3f} clips/s")
+                capacity = capacity or measured  # every mode gets the first mode's rates
             for load in load_list:
                 rate = load * capacity
                 rng = random.Random(seed)  # the same arrival times for every mode
