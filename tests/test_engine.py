@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -87,6 +87,13 @@ def pipeline(library: SeedImageLibrary) -> PacedPipeline:
         seed_images=library,
         spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
     )
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def make_engine(
@@ -189,7 +196,7 @@ def test_a_job_that_cannot_meet_its_deadline_is_refused_at_once(pipeline: PacedP
     try:
         engine.submit(job(steps=3)).future.result(timeout=60)  # measures the step time
         busy = engine.submit(job("long one", steps=40))
-        recorder.wait_steps(1)
+        wait_until(lambda: busy.steps_done >= 1)
         began = time.monotonic()
         # 40 steps ahead of it in the only slot: about 40 x 30 ms before it could start.
         with pytest.raises(JobRefused) as refused:
@@ -252,7 +259,9 @@ def test_a_failing_job_fails_alone(pipeline: PacedPipeline) -> None:
     try:
         mates = [engine.submit(job(f"mate {i}", seed=i, steps=4)) for i in range(3)]
         bad = engine.submit(job("poison", steps=4))
-        too_long = engine.submit(job("a " * 499 + "a", steps=4))  # 500 tokens: > 3 CLIP windows
+        # Passes the API's tokenizer-free lower bound (100 words) but the tiny model's
+        # tokenizer makes 400 tokens of it: more than 3 CLIP windows, raised in prepare.
+        too_long = engine.submit(job(" ".join(["word"] * 100), steps=4))
         with pytest.raises(RuntimeError, match="poisoned"):
             bad.future.result(timeout=60)
         with pytest.raises(ValueError):
