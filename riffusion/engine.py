@@ -146,9 +146,9 @@ class EngineJob:
 
 
 def default_postprocess(device: torch.device) -> PostProcessMode:
-    """Overlap decode + Griffin-Lim with the next steps on a GPU; on a CPU the two
-    compete for the same cores, and running them between steps measured better
-    (docs/benchmarks.md, "Engine")."""
+    """Overlap decode + Griffin-Lim with the next steps on a GPU. On a CPU both would
+    compete for the same cores (torch uses all of them for each), so they run between
+    steps there (docs/benchmarks.md, "Engine", says what is measured)."""
     return "thread" if device.type == "cuda" else "inline"
 
 
