@@ -1,15 +1,15 @@
 """Real-time engine: step-level continuous batching with deadlines and cancellation.
 
-One thread owns the pipeline on its device and repeats, at every step boundary:
+Submissions wait in a queue ordered by deadline (earliest first). One thread owns
+the pipeline on its device and repeats, at every step boundary:
 
-1. take new submissions into the waiting queue (ordered by deadline: earliest first);
-2. drop jobs whose caller went away (cancelled) or whose deadline has passed (expired),
+1. drop jobs whose caller went away (cancelled) or whose deadline has passed (expired),
    waiting or running: they stop using the UNet within one step;
-3. admit waiting jobs, earliest deadline first, while fewer than ``max_batch_size``
+2. admit waiting jobs, earliest deadline first, while fewer than ``max_batch_size``
    run; admission prepares the job (text embeddings, seed-image latents, scheduler);
-4. run ONE denoising step for every running job: one UNet forward per group of jobs
+3. run ONE denoising step for every running job: one UNet forward per group of jobs
    that share a latent shape and text length, each job at its own timestep;
-5. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
+4. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
    thread of its own (``postprocess="thread"``) or between steps (``"inline"``).
 
 Submitting refuses a job at once (``JobRefused``, with a retry hint) when its deadline
@@ -232,7 +232,6 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.step_times = StepTimes()
         self._lock = threading.Condition()
-        self._inbox: list[EngineJob] = []
         self._waiting: list[tuple[float, int, EngineJob]] = []  # heap by (deadline, order)
         self._running: list[EngineJob] = []
         self._jobs: dict[str, EngineJob] = {}
@@ -280,7 +279,7 @@ class Engine:
                     retry_after_s=max(1.0, math.ceil(predicted_s - timeout)),
                 )
             self._jobs[entry.id] = entry
-            self._inbox.append(entry)
+            heapq.heappush(self._waiting, (entry.deadline, next(self._order), entry))
             self._lock.notify_all()
         return entry
 
@@ -297,7 +296,7 @@ class Engine:
     def queue_lengths(self) -> tuple[int, int]:
         """(waiting, running) jobs right now."""
         with self._lock:
-            return len(self._inbox) + len(self._waiting), len(self._running)
+            return len(self._waiting), len(self._running)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish running and waiting jobs that still can, refuse new ones, join the threads."""
@@ -317,7 +316,6 @@ class Engine:
         if not times.measured:
             return 0.0, 0.0
         ahead = [e for _, _, e in self._waiting if e.deadline <= entry.deadline]
-        ahead += [e for e in self._inbox if e.deadline <= entry.deadline]
         # The step it would run in: the running jobs and those ahead, up to the batch limit.
         sharing = [*self._running, *ahead][: self.config.max_batch_size - 1]
         step_s = times.step_s(sum(e.work for e in sharing) + entry.work)
@@ -336,10 +334,6 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    # 1. new submissions join the deadline-ordered waiting queue
-                    for entry in self._inbox:
-                        heapq.heappush(self._waiting, (entry.deadline, next(self._order), entry))
-                    self._inbox.clear()
                     if not self._running and not self._waiting:
                         if self._stopping:
                             break
@@ -347,13 +341,13 @@ class Engine:
                         self._lock.wait()
                         continue
                 now = time.monotonic()
-                self._drop_unwanted(now)  # 2.
-                self._admit(now)  # 3.
+                self._drop_unwanted(now)  # 1.
+                self._admit(now)  # 2.
                 self._report_queue()
                 if self._running:
-                    finished = self._step()  # 4.
+                    finished = self._step()  # 3.
                     if finished:
-                        self._postprocess(finished)  # 5.
+                        self._postprocess(finished)  # 4.
         self._postprocess_queue.put(None)
 
     def _drop_unwanted(self, now: float) -> None:
@@ -446,7 +440,7 @@ class Engine:
 
     def _report_queue(self) -> None:
         with self._lock:
-            waiting = len(self._waiting) + len(self._inbox)
+            waiting = len(self._waiting)
         self.observer.on_queue(waiting, len(self._running))
 
     # --- post-processing -------------------------------------------------------------------------
