@@ -106,6 +106,11 @@ def run_isolated(
 # --- API side ----------------------------------------------------------------------------------
 
 
+# Strong references to fire-and-forget cancel calls (asyncio keeps only weak ones); module
+# level because a ModelClient lives only as long as its request.
+_PENDING_CANCELS: set[asyncio.Task[Any]] = set()
+
+
 class ModelClient:
     """The API service's handle on the model service (``bentoml.depends`` object)."""
 
@@ -113,7 +118,6 @@ class ModelClient:
         self.model = model
         self.mode = mode
         self.default_timeout_s = default_timeout_s
-        self._cancellations: set[asyncio.Task[Any]] = set()
 
     async def generate(self, jobs: Sequence[GenerationJob]) -> list[ModelResult]:
         """One result per job, in order; raises ``ModelCallError`` for the first clip that fails.
@@ -196,8 +200,8 @@ class ModelClient:
                 logger.warning("could not cancel job %s in the model service: %r", job_id, error)
 
         task = asyncio.get_running_loop().create_task(cancel())
-        self._cancellations.add(task)
-        task.add_done_callback(self._cancellations.discard)
+        _PENDING_CANCELS.add(task)
+        task.add_done_callback(_PENDING_CANCELS.discard)
 
 
 def _unavailable(message: str) -> ModelCallError:
