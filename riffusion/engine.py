@@ -457,7 +457,14 @@ class Engine:
                 self._finish(entries)
 
     def _finish(self, entries: Sequence[EngineJob]) -> None:
-        """Decode and vocode finished jobs (one VAE call per latent shape), then answer them."""
+        """Decode and vocode finished jobs (one VAE call per latent shape), then answer them.
+
+        Jobs whose caller left, or whose deadline passed, while they waited for this are
+        dropped first: decode and Griffin-Lim cost more than the steps on a CPU.
+        """
+        now = time.monotonic()
+        with self._lock:
+            entries = [e for e in entries if not self._dropped(e, now)]
         for group in group_by(entries, lambda e: e.prepared.latent_shape).values():
             began = time.perf_counter()
             try:

@@ -253,6 +253,48 @@ def test_cancelled_jobs_leave_within_one_step_and_batch_mates_finish(
     assert engine.cancel(drop.id) is False  # answered jobs are forgotten
 
 
+class GatedFinishPipeline(PacedPipeline):
+    """Post-processing waits at a gate, so jobs can be cancelled while queued for it."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.finished_prompts: list[str] = []
+
+    def finish(self, group: Sequence[JobState]) -> list[GeneratedClip]:
+        assert self.gate.wait(timeout=60)
+        self.finished_prompts += [state.job.start.prompt for state in group]
+        return super().finish(group)
+
+
+def test_jobs_abandoned_while_queued_for_post_processing_skip_it(
+    library: SeedImageLibrary,
+) -> None:
+    gated = GatedFinishPipeline(
+        build_tiny_components(device="cpu"),
+        seed_images=library,
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
+    )
+    engine, recorder = make_engine(gated, postprocess="thread")
+    try:
+        first = engine.submit(job("first", steps=2))
+        wait_until(lambda: first.state is not None)
+        wait_until(lambda: first.prepared.finished)  # now held at the post-processing gate
+        left = engine.submit(job("left", steps=2))
+        wait_until(lambda: left.state is not None and left.prepared.finished)
+        time.sleep(STEP_PAUSE_S * 2)  # out of its last step, queued for post-processing
+        assert engine.cancel(left.id)
+        gated.gate.set()
+        assert first.future.result(timeout=60).audio is not None
+        with pytest.raises(JobCancelled):
+            left.future.result(timeout=60)
+    finally:
+        gated.gate.set()
+        engine.stop()
+    assert gated.finished_prompts == ["first"]  # no decode or Griffin-Lim for nobody
+    assert recorder.outcomes == {"completed": 1, "cancelled": 1}
+
+
 def test_a_failing_job_fails_alone(pipeline: PacedPipeline) -> None:
     engine, recorder = make_engine(pipeline)
     pipeline.poison_prompt = "poison"
