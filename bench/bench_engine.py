@@ -1,18 +1,21 @@
 """Real-time serving benchmark: continuous batching vs adaptive batching vs none, in one run.
 
 Open loop, as real listeners are: requests arrive as a Poisson process at a fixed
-offered rate whether or not earlier ones are done. For each batching mode
-(RIFFUSION_BATCHING) it serves the model on 127.0.0.1 and offers the web app's
-request (run_inference, seed image og_beat, denoising 0.75) at fractions of the
-capacity measured at the start of the run (a closed-loop burst, continuous mode),
-so every mode sees the same absolute rates and the same arrival times. Reports
-p50/p95/p99 latency, throughput and the share of clips answered within the
-real-time deadline (one clip's playing time, 5.12 s at 512 px).
+offered rate whether or not earlier ones are done. Every batching mode
+(RIFFUSION_BATCHING; "continuous/thread" also picks RIFFUSION_POSTPROCESS) is served
+on 127.0.0.1 at once, and the web app's request (run_inference, seed image og_beat,
+denoising 0.75) is offered at fractions of the capacity measured at the start (a
+closed-loop burst on the first mode). The modes take turns, window by window, in a
+rotating order, so load from outside the benchmark falls on all of them alike and
+they see the same arrival times. Reports p50/p95/p99 latency, throughput and the
+share of clips answered within the real-time deadline (one clip's playing time,
+5.12 s at 512 px).
 
-Then the cancellation scenario: clients send clips and abandon them after a few
-seconds; the model's `riffusion_unet_samples_total` counts what was computed, so
-the samples spent on abandoned clips are measured before (adaptive: no
-cancellation) and after (continuous: cancelled within one step).
+Then the cancellation scenario: more clips than a batch are sent at once and their
+clients leave after a few seconds; the model's `riffusion_unet_samples_total` counts
+the samples computed for them, and its "completed" share the clips still decoded and
+vocoded for nobody: before (adaptive: no cancellation) and after (continuous: waiting
+and running jobs dropped within one step, queued post-processing skipped).
 
     uv run --frozen --all-extras python -m bench.bench_engine --output bench/engine.json
 """
@@ -20,6 +23,8 @@ cancellation) and after (continuous: cancelled within one step).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import platform
@@ -39,6 +44,8 @@ from bench.bench_service import serve
 
 console = Console()
 MODES = ("continuous", "adaptive", "off")
+# "continuous/thread" and "continuous/inline" pick the engine's post-processing mode
+# (RIFFUSION_POSTPROCESS); plain "continuous" takes the device's default.
 
 
 @dataclass
@@ -60,7 +67,16 @@ class AbandonResult:
     mode: str
     abandoned: int
     unet_samples: float  # computed for the abandoned clips (they had no other traffic)
-    samples_per_clip: int  # a full clip's samples, for scale
+    finished_for_nobody: float  # abandoned clips still decoded and vocoded to the end
+    samples_per_clip: float  # a full clip's samples, measured, for scale
+
+
+def parse_mode(mode: str) -> tuple[str, dict[str, str]]:
+    """("continuous", {"RIFFUSION_POSTPROCESS": "thread"}) for "continuous/thread"."""
+    batching, _, postprocess = mode.partition("/")
+    if batching not in MODES or postprocess not in ("", "thread", "inline"):
+        raise click.BadParameter(f"unknown mode {mode!r}", param_hint="--modes")
+    return batching, {"RIFFUSION_POSTPROCESS": postprocess} if postprocess else {}
 
 
 def web_app_body(seed: int, steps: int) -> dict[str, object]:
@@ -137,14 +153,21 @@ def summarise(
     )
 
 
-def unet_samples(url: str) -> float:
+def unet_samples(url: str, outcome: str | None = None) -> float:
+    """UNet samples counted so far (when jobs leave), of one outcome or all."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == "riffusion_unet_samples_total"
+        and outcome in (None, sample.labels.get("outcome"))
     )
+
+
+async def _post_once(url: str, body: dict[str, object]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await _post(client, body)
 
 
 async def abandon(url: str, clips: int, after_s: float, steps: int) -> None:
@@ -225,12 +248,27 @@ def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
     show_default=True,
     help="Fractions of capacity ('' for the cancellation scenario only).",
 )
-@click.option("--seconds", type=float, default=60.0, show_default=True, help="Per load level.")
+@click.option(
+    "--seconds", type=float, default=60.0, show_default=True, help="Per load level and round."
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Windows per load level and mode (interleaved across modes).",
+)
 @click.option("--steps", type=click.IntRange(1, 150), default=20, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--capacity-clips", type=int, default=8, show_default=True)
 @click.option("--deadline-s", type=float, default=5.12, show_default=True)
-@click.option("--abandon-clips", type=int, default=4, show_default=True)
+@click.option(
+    "--abandon-clips",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Clips sent at once and abandoned (more than a batch: some wait).",
+)
 @click.option("--abandon-after-s", type=float, default=3.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -239,6 +277,7 @@ def main(
     modes: str,
     loads: str,
     seconds: float,
+    rounds: int,
     steps: int,
     max_batch_size: int,
     capacity_clips: int,
@@ -254,53 +293,85 @@ def main(
     capacity = 0.0
     load_results: list[LoadResult] = []
     abandon_results: list[AbandonResult] = []
-    for mode in mode_list:
-        console.print(f"[bold]{mode}[/] (RIFFUSION_BATCHING={mode})")
-        with serve(model, max_batch_size, mode) as url:
-            if load_list:
-                measured = asyncio.run(measure_capacity(url, steps, capacity_clips))
-                console.print(f"  closed-loop capacity: {measured:.3f} clips/s")
-                capacity = capacity or measured  # every mode gets the first mode's rates
-            for load in load_list:
-                rate = load * capacity
-                rng = random.Random(seed)  # the same arrival times for every mode
-                arrivals, at = [], 0.0
-                while (at := at + rng.expovariate(rate)) < seconds:
-                    arrivals.append(at)
-                results, wall = asyncio.run(open_loop(url, arrivals, steps, timeout_s=600))
-                load_results.append(summarise(mode, load, rate, results, wall, deadline_s))
+    with contextlib.ExitStack() as servers:
+        urls: dict[str, str] = {}
+        for mode in mode_list:  # all served at once, so the rounds below can interleave them
+            batching, extra_env = parse_mode(mode)
+            console.print(f"serving [bold]{mode}[/] (RIFFUSION_BATCHING={batching} {extra_env})")
+            urls[mode] = servers.enter_context(
+                serve(model, max_batch_size, batching, extra_env=extra_env)
+            )
+        if load_list:
+            capacity = asyncio.run(measure_capacity(urls[mode_list[0]], steps, capacity_clips))
+            console.print(f"closed-loop capacity ({mode_list[0]}): {capacity:.3f} clips/s")
+        # Interleaved: every (round, load) runs each mode's window back to back, in an order
+        # rotated from one window to the next, so load from outside this benchmark falls on
+        # every mode alike. Within a window all modes see the same arrival times.
+        windows: dict[tuple[str, float], list[tuple[list[tuple[float, int]], float]]] = {}
+        for round_index, (load_index, load) in itertools.product(
+            range(rounds), enumerate(load_list)
+        ):
+            rate = load * capacity
+            rng = random.Random(seed + round_index)
+            arrivals, at = [], 0.0
+            while (at := at + rng.expovariate(rate)) < seconds:
+                arrivals.append(at)
+            shift = (round_index + load_index) % len(mode_list)
+            for mode in mode_list[shift:] + mode_list[:shift]:
+                wait_idle(urls[mode])
+                results, wall = asyncio.run(open_loop(urls[mode], arrivals, steps, timeout_s=600))
+                windows.setdefault((mode, load), []).append((results, wall))
+                ok = [latency for latency, status in results if status == 200]
                 console.print(
-                    f"  load {load:.0%}: p95 {load_results[-1].p95_s:.2f} s, "
-                    f"real-time {load_results[-1].realtime_share:.0%}"
+                    f"  round {round_index + 1}, load {load:.0%}, {mode}: {len(results)} sent, "
+                    f"{len(ok)} ok, slowest {max(ok, default=float('nan')):.1f} s"
                 )
-            if abandon_clips:
-                wait_idle(url)
-                before = unet_samples(url)
-                asyncio.run(abandon(url, abandon_clips, abandon_after_s, steps))
-                wait_idle(url)
-                spent = unet_samples(url) - before
-                full = 2 * int(steps * 0.75)
-                abandon_results.append(AbandonResult(mode, abandon_clips, spent, full))
-                console.print(
-                    f"  abandoned {abandon_clips} clips after {abandon_after_s} s: "
-                    f"{spent:.0f} UNet samples spent on them (a full clip is {full})"
-                )
-    console.print(_load_table(load_results, deadline_s))
+        for mode, load in itertools.product(mode_list, load_list):
+            runs = windows[(mode, load)]
+            merged = [sample for results, _ in runs for sample in results]
+            wall = sum(wall for _, wall in runs)
+            load_results.append(summarise(mode, load, load * capacity, merged, wall, deadline_s))
+        for mode in mode_list if abandon_clips else []:
+            url = urls[mode]
+            wait_idle(url)
+            before, completed_before = unet_samples(url), unet_samples(url, "completed")
+            asyncio.run(_post_once(url, web_app_body(4999, steps)))  # one clip, for scale
+            per_clip = unet_samples(url) - before
+            before, completed_before = unet_samples(url), unet_samples(url, "completed")
+            asyncio.run(abandon(url, abandon_clips, abandon_after_s, steps))
+            wait_idle(url)
+            spent = unet_samples(url) - before
+            finished = (unet_samples(url, "completed") - completed_before) / per_clip
+            abandon_results.append(AbandonResult(mode, abandon_clips, spent, finished, per_clip))
+            console.print(
+                f"  {mode}: {abandon_clips} clips abandoned after {abandon_after_s} s: "
+                f"{spent:.0f} UNet samples spent on them (a clip is {per_clip:.0f}), "
+                f"{finished:.0f} decoded and vocoded for nobody"
+            )
+    if load_results:
+        console.print(_load_table(load_results, deadline_s))
     for r in abandon_results:
         console.print(
             f"{r.mode}: {r.unet_samples:.0f} UNet samples on {r.abandoned} abandoned clips "
-            f"({r.unet_samples / max(1, r.abandoned * r.samples_per_clip):.0%} of their full cost)"
+            f"({r.unet_samples / max(1, r.abandoned * r.samples_per_clip):.0%} of their full "
+            f"cost); {r.finished_for_nobody:.0f} of {r.abandoned} finished for nobody"
         )
     by_key = {(r.mode, r.load): r for r in load_results}
+    continuous_modes = [m for m in mode_list if m.startswith("continuous")]
     for load in load_list:
-        cont, adapt = by_key.get(("continuous", load)), by_key.get(("adaptive", load))
-        if cont and adapt and adapt.p95_s:
-            console.print(
-                f"load {load:.0%}: continuous p95 / adaptive p95 "
-                f"= {cont.p95_s / adapt.p95_s:.2f}x, "
-                f"throughput ratio {cont.throughput_rps / max(adapt.throughput_rps, 1e-9):.2f}x"
-            )
+        adapt = by_key.get(("adaptive", load))
+        for mode in continuous_modes:
+            cont = by_key[(mode, load)]
+            if adapt and adapt.p95_s:
+                console.print(
+                    f"load {load:.0%}: {mode} p95 / adaptive p95 "
+                    f"= {cont.p95_s / adapt.p95_s:.2f}x, throughput ratio "
+                    f"{cont.throughput_rps / max(adapt.throughput_rps, 1e-9):.2f}x"
+                )
+    load_average = os.getloadavg()
+    console.print(f"load average at the end (1, 5, 15 min): {load_average}")
     report = {
+        "load_average_at_end": load_average,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "model": model,
         "steps": steps,

@@ -54,11 +54,16 @@ class LevelResult:
 
 @contextmanager
 def serve(
-    model: str, max_batch_size: int, batching: str = "adaptive", timeout_s: float = 300
+    model: str,
+    max_batch_size: int,
+    batching: str = "adaptive",
+    timeout_s: float = 300,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """A local server without an API key; yields its base URL once /readyz answers."""
     with tempfile.TemporaryDirectory() as home:
         env: dict[str, str | None] = {
+            **(extra_env or {}),
             "RIFFUSION_BATCHING": batching,
             "RIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
             "RIFFUSION_MAX_LATENCY_MS": "600000",
