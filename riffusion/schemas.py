@@ -8,11 +8,12 @@ the pipeline can batch any mix of them.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from riffusion.seed_images import ID_PATTERN
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**32 - 1
@@ -23,8 +24,6 @@ WIDTH_MULTIPLE = 8
 MIN_WIDTH, MAX_WIDTH = 64, 2048
 DEFAULT_WIDTH = 512
 HEIGHT = 512  # one row per mel bin
-ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
-_ID_RE = re.compile(ID_PATTERN)
 
 
 def _not_blank(text: str) -> str:
@@ -146,7 +145,3 @@ def width_for_duration(duration_s: float, step_size_ms: int = 10) -> int:
     """Image width (pixels, multiple of 8, within limits) for a clip of ``duration_s``."""
     pixels = round(duration_s * 1000 / step_size_ms / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     return max(MIN_WIDTH, min(MAX_WIDTH, pixels))
-
-
-def is_valid_image_id(image_id: str) -> bool:
-    return bool(_ID_RE.match(image_id))

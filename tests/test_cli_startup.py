@@ -1,8 +1,11 @@
-"""The ``riffusion`` command starts fast: commands are imported only when they run.
+"""The ``riffusion`` command starts fast: each command imports only what its work uses.
 
-``--help`` and ``print-exif`` import no torch; the audio commands no diffusers or
-transformers. Checked on ``sys.modules`` in a fresh interpreter (start-up times
-themselves are in docs/benchmarks.md).
+Checked on ``sys.modules`` in a fresh interpreter after really running each
+command without a model: none imports the model's libraries (diffusers,
+transformers, the hub client, pydantic, bentoml) or the seed-library
+synthesiser; ``--help``, ``print-exif``, ``seed-images`` and ``sample-clips``
+import no torch. Start-up times themselves: ``bench/bench_cli_startup.py`` and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -13,51 +16,133 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
+from PIL import Image
 
+from riffusion.audio import Audio, write_audio
 from riffusion.cli import COMMANDS, cli
 from riffusion.seed_images import SEED_IMAGES_DIR
 
-HEAVY = ("torch", "diffusers", "transformers")
+# Only the generation commands (and trace-unet) may import these.
+MODEL_ONLY = (
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "bentoml",
+    "pydantic",
+    "scipy",
+    "riffusion.pipeline",
+    "riffusion.models",
+)
+TORCH = ("torch", "torchaudio")
+# Listing, help and print-exif need none of the numeric stack.
+NUMERIC = (*TORCH, "numpy", "soundfile", "soxr")
+# What makes the seed library: only make-seed-images needs it, and only when it runs.
+SYNTHESIS = ("riffusion.seed_image_synthesis", "riffusion.loop_synth")
+MODEL_COMMAND_MODULES = {"riffusion.cli.model_commands", "riffusion.cli.trace_commands"}
+WATCHED = (*MODEL_ONLY, *NUMERIC, *SYNTHESIS, "PIL", "rich.progress")
 
 
-def modules_after(args: list[str]) -> tuple[int, str, set[str]]:
-    """Run ``riffusion ARGS`` in a fresh interpreter; (exit code, output, heavy modules loaded)."""
+def modules_after(*invocations: list[str]) -> tuple[list[tuple[int, str]], set[str]]:
+    """Run ``riffusion ARGS`` for each invocation in one fresh interpreter.
+
+    Returns each (exit code, output) and which of :data:`WATCHED` were imported by then.
+    """
     script = (
         "import json, sys\n"
         "from click.testing import CliRunner\n"
         "from riffusion.cli import cli\n"
-        f"result = CliRunner().invoke(cli, {args!r})\n"
-        f"loaded = [name for name in {HEAVY!r} if name in sys.modules]\n"
-        "print(json.dumps([result.exit_code, result.output, loaded]))\n"
+        f"results = [CliRunner().invoke(cli, args) for args in {list(invocations)!r}]\n"
+        f"loaded = [name for name in {WATCHED!r} if name in sys.modules]\n"
+        "print(json.dumps([[[r.exit_code, r.output] for r in results], loaded]))\n"
     )
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
     )
-    code, output, loaded = json.loads(completed.stdout.strip().splitlines()[-1])
-    return code, output, set(loaded)
+    results, loaded = json.loads(completed.stdout.strip().splitlines()[-1])
+    for code, output in results:
+        assert code == 0, output
+    return [(code, output) for code, output in results], set(loaded)
 
 
-def test_help_imports_no_torch_and_lists_every_command() -> None:
-    code, output, loaded = modules_after(["--help"])
-    assert code == 0 and loaded == set()
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short wav (alone in audio/) and a narrow spectrogram: the work stays small."""
+    folder = tmp_path_factory.mktemp("startup")
+    (folder / "audio").mkdir()
+    t = np.arange(round(0.6 * 44100)) / 44100
+    samples = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None, :]
+    write_audio(Audio(samples, 44100), folder / "audio" / "tone.wav")
+    with Image.open(SEED_IMAGES_DIR / "og_beat.png") as image:
+        image.crop((0, 0, 32, image.height)).save(folder / "narrow.png", exif=image.getexif())
+    return folder
+
+
+def tool_invocations(folder: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """Each non-model command as it really runs, with the modules it must not import."""
+    out = folder / "out"
+    wav, image = str(folder / "audio" / "tone.wav"), str(folder / "narrow.png")
+    return {
+        "print-exif": (["print-exif", image], (*MODEL_ONLY, *NUMERIC, *SYNTHESIS)),
+        "seed-images": (["seed-images"], (*MODEL_ONLY, *NUMERIC, *SYNTHESIS, "PIL")),
+        "sample-clips": (
+            ["sample-clips", wav, str(out / "clips"), "--num-clips", "2", "--duration", "0.2"],
+            (*MODEL_ONLY, *TORCH, *SYNTHESIS, "PIL"),
+        ),
+        # Its module only: running it regenerates the whole library (test_seed_images).
+        "make-seed-images": (["make-seed-images", "--help"], (*MODEL_ONLY, *NUMERIC, *SYNTHESIS)),
+        "audio-to-image": (
+            ["audio-to-image", wav, str(out / "tone.png"), "--device", "cpu"],
+            (*MODEL_ONLY, *SYNTHESIS, "rich.progress"),
+        ),
+        "image-to-audio": (
+            ["image-to-audio", image, str(out / "narrow.wav"), "--device", "cpu"],
+            (*MODEL_ONLY, *SYNTHESIS, "rich.progress"),
+        ),
+        "audio-to-images": (
+            ["audio-to-images", str(folder / "audio"), str(out / "images"), "--device", "cpu"],
+            (*MODEL_ONLY, *SYNTHESIS),
+        ),
+    }
+
+
+def test_every_tool_command_is_checked(inputs: Path) -> None:
+    """A new command without a model must be added to the import checks below."""
+    tools = {name for name, lazy in COMMANDS.items() if lazy.module not in MODEL_COMMAND_MODULES}
+    assert tools == set(tool_invocations(inputs))
+
+
+def test_help_imports_only_click_and_lists_every_command() -> None:
+    [(_, output)], loaded = modules_after(["--help"])
+    assert loaded == set()
     for name in COMMANDS:
         assert name in output
 
 
-def test_print_exif_imports_no_torch() -> None:
-    code, output, loaded = modules_after(["print-exif", str(SEED_IMAGES_DIR / "og_beat.png")])
-    assert code == 0, output
-    assert loaded == set()
-    assert "max_value" in output and "44100" in output
+@pytest.mark.parametrize(
+    "command", ["print-exif", "seed-images", "sample-clips", "make-seed-images"]
+)
+def test_commands_without_torch_import_none_of_it(inputs: Path, command: str) -> None:
+    args, forbidden = tool_invocations(inputs)[command]
+    _, loaded = modules_after(args)
+    assert not loaded & set(forbidden), f"{command} imported {sorted(loaded & set(forbidden))}"
 
 
-@pytest.mark.parametrize("command", ["audio-to-image", "seed-images"])
-def test_audio_commands_import_no_diffusion_libraries(command: str) -> None:
-    args = [command] if command == "seed-images" else [command, "--help"]
-    code, output, loaded = modules_after(args)
-    assert code == 0, output
-    assert "diffusers" not in loaded and "transformers" not in loaded
+def test_spectrogram_commands_import_torch_but_nothing_of_the_model(inputs: Path) -> None:
+    """audio-to-image and image-to-audio run in one interpreter (one torch import): what
+    both imported must hold none of the model's libraries; audio-to-images alone also
+    imports rich's progress bar, which the other two must not."""
+    invocations = tool_invocations(inputs)
+    names = ("audio-to-image", "image-to-audio")
+    results, loaded = modules_after(*(invocations[name][0] for name in names))
+    assert {"torch", "torchaudio", "PIL"} <= loaded
+    for name in names:
+        forbidden = set(invocations[name][1])
+        assert not loaded & forbidden, f"{name}: {sorted(loaded & forbidden)}"
+    assert "wrote" in results[1][1]
+    _, loaded_with_progress = modules_after(invocations["audio-to-images"][0])
+    assert not loaded_with_progress & set(invocations["audio-to-images"][1])
 
 
 def test_listed_summaries_are_the_commands_own() -> None:
@@ -80,11 +165,9 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 def test_old_units_are_explained_by_print_exif(tmp_path: Path) -> None:
-    from PIL import Image
-
     image = Image.new("RGB", (8, 512))
     exif = image.getexif()
     exif[11080] = 1428.25  # an image from before the switch to riffusion's units
     image.save(tmp_path / "old.png", exif=exif)
-    code, output, _ = modules_after(["print-exif", str(tmp_path / "old.png")])
-    assert code == 0 and "4.68009e+07 in riffusion's units" in output
+    [(_, output)], _ = modules_after(["print-exif", str(tmp_path / "old.png")])
+    assert "4.68009e+07 in riffusion's units" in output

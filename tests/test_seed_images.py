@@ -11,16 +11,18 @@ import pytest
 from PIL import Image
 
 from riffusion.loop_synth import synthesize_loop
-from riffusion.seed_images import (
+from riffusion.seed_image_synthesis import (
     CLIP_DURATION_S,
-    SEED_IMAGES_DIR,
     SEED_SPECS,
-    SeedImageError,
-    SeedImageLibrary,
-    UnknownImageError,
     generate_library,
     render_seed_image,
     seed_loop_frames,
+)
+from riffusion.seed_images import (
+    SEED_IMAGES_DIR,
+    SeedImageError,
+    SeedImageLibrary,
+    UnknownImageError,
 )
 from riffusion.spectrogram import SpectrogramParams, image_from_audio, params_from_image
 

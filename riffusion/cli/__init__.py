@@ -1,9 +1,11 @@
 """The ``riffusion`` command line: audio tools and model commands.
 
-Commands are imported only when they run, so ``riffusion --help`` and
-``print-exif`` start without torch, and only the generation commands import
-diffusers and transformers. ``--help`` lists the commands from
-:data:`COMMANDS`' summaries (a test keeps them equal to the commands' own).
+Commands are imported only when they run, from modules grouped by what they
+need: ``--help``, ``print-exif``, ``seed-images`` and ``sample-clips`` start
+without torch, the spectrogram commands import torch and torchaudio but
+nothing of the model, and only the generation commands import diffusers and
+transformers (``tests/test_cli_startup.py``). ``--help`` lists the commands
+from :data:`COMMANDS`' summaries (a test keeps them equal to the commands' own).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class LazyCommand(NamedTuple):
 
 
 _AUDIO = "riffusion.cli.audio_commands"
+_SEEDS = "riffusion.cli.seed_commands"
 _MODEL = "riffusion.cli.model_commands"
 COMMANDS: dict[str, LazyCommand] = {
     "audio-to-image": LazyCommand(
@@ -44,7 +47,7 @@ COMMANDS: dict[str, LazyCommand] = {
         "Walk from a start to an end prompt in NUM_CLIPS clips on one seed image, stitched.",
     ),
     "make-seed-images": LazyCommand(
-        _AUDIO,
+        _SEEDS,
         "make_seed_images",
         "(Re)generate the seed and mask images plus manifest.json in DIRECTORY (deterministic).",
     ),
@@ -59,12 +62,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "Riff on an audio file of any length: overlapping clips re-imagined, then crossfaded.",
     ),
     "sample-clips": LazyCommand(
-        _AUDIO,
+        "riffusion.cli.clips_command",
         "sample_clips",
         "Cut NUM_CLIPS clips of DURATION seconds from AUDIO_FILE into OUTPUT_DIR.",
     ),
     "seed-images": LazyCommand(
-        _AUDIO, "seed_images", "List the seed and mask images available by id."
+        _SEEDS, "seed_images", "List the seed and mask images available by id."
     ),
     "text-to-audio": LazyCommand(
         _MODEL, "text_to_audio", "Generate a clip from a text PROMPT (no seed image)."

@@ -1,26 +1,19 @@
-"""Audio/spectrogram subcommands (no model needed).
+"""Audio <-> spectrogram commands: audio-to-image, audio-to-images and image-to-audio.
 
-Every command turns expected failures (bad audio, bad images, unknown ids)
-into a one-line ``Error: ...`` and a non-zero exit instead of a traceback.
+They need torch and torchaudio (the spectrogram transforms) and nothing of the
+model. Expected failures (bad audio, bad images) end in a one-line ``Error: ...``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from riffusion.audio import (
     DEFAULT_SAMPLE_RATE,
-    SUPPORTED_FORMATS,
     Audio,
     AudioError,
     normalize_loudness,
@@ -30,7 +23,7 @@ from riffusion.audio import (
     to_stereo,
     write_audio,
 )
-from riffusion.seed_images import SeedImageError, SeedImageLibrary, generate_library
+from riffusion.cli.errors import friendly_errors
 from riffusion.spectrogram import (
     SpectrogramError,
     SpectrogramParams,
@@ -42,7 +35,7 @@ from riffusion.spectrogram import (
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
 # Reflect padding of the STFT needs more than half the 400 ms FFT.
 MIN_SPECTROGRAM_AUDIO_S = 0.25
-EXPECTED_ERRORS = (AudioError, SpectrogramError, SeedImageError, OSError)
+EXPECTED_ERRORS = (AudioError, SpectrogramError, OSError)
 
 
 def default_device() -> str:
@@ -71,17 +64,6 @@ channels_option = click.option(
     default=None,
     help="Spectrogram channels (default: stereo for stereo input, mono otherwise).",
 )
-
-
-@contextlib.contextmanager
-def friendly_errors() -> Iterator[None]:
-    """Turn expected failures into click errors (one line, exit code 1)."""
-    try:
-        yield
-    except UnidentifiedImageError as error:
-        raise click.ClickException(f"not a readable image: {error}") from error
-    except EXPECTED_ERRORS as error:
-        raise click.ClickException(str(error)) from error
 
 
 def load_image(path: Path) -> Image.Image:
@@ -132,7 +114,7 @@ def audio_to_image(
 
     The audio is resampled to 44.1 kHz; one pixel column is 10 ms.
     """
-    with friendly_errors():
+    with friendly_errors(*EXPECTED_ERRORS):
         image = convert_audio_file(audio_file, image_file, stereo, device, max_duration)
     click.echo(f"wrote {image_file} ({image.width}x{image.height} px)")
 
@@ -156,7 +138,7 @@ def image_to_audio(
     Uses the image's EXIF spectrogram parameters (defaults when missing) and
     Griffin-Lim phase reconstruction.
     """
-    with friendly_errors():
+    with friendly_errors(*EXPECTED_ERRORS):
         image = load_image(image_file)
         generator = torch.Generator().manual_seed(seed)
         audio = audio_from_image(image, device=device, generator=generator)
@@ -165,65 +147,6 @@ def image_to_audio(
         audio_file.parent.mkdir(parents=True, exist_ok=True)
         write_audio(audio, audio_file)
     click.echo(f"wrote {audio_file} ({audio.duration_s:.2f} s, {audio.channels} ch)")
-
-
-@click.command("sample-clips")
-@click.argument("audio_file", type=click.Path(path_type=Path))
-@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--num-clips", type=click.IntRange(min=1), default=4, show_default=True, help="Clips to cut."
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.12,
-    show_default=True,
-    help="Clip length in seconds.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["random", "even"]),
-    default="random",
-    show_default=True,
-    help="Random start times, or evenly spaced from the start to the end.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --mode random.")
-@click.option(
-    "--format",
-    "audio_format",
-    type=click.Choice(SUPPORTED_FORMATS),
-    default="wav",
-    show_default=True,
-    help="Audio format of the clips.",
-)
-def sample_clips(
-    audio_file: Path,
-    output_dir: Path,
-    num_clips: int,
-    duration: float,
-    mode: str,
-    seed: int,
-    audio_format: str,
-) -> None:
-    """Cut NUM_CLIPS clips of DURATION seconds from AUDIO_FILE into OUTPUT_DIR."""
-    with friendly_errors():
-        audio = read_audio(audio_file)
-        clip_frames = round(duration * audio.sample_rate)
-        if clip_frames > audio.num_frames:
-            raise AudioError(
-                f"clips of {duration:g} s do not fit in {audio_file} ({audio.duration_s:.2f} s)"
-            )
-        last_start = audio.num_frames - clip_frames
-        if mode == "even":
-            starts = np.linspace(0, last_start, num_clips).round().astype(int)
-        else:
-            starts = np.sort(np.random.default_rng(seed).integers(0, last_start + 1, num_clips))
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for index, start in enumerate(starts):
-            clip = Audio(audio.samples[:, start : start + clip_frames], audio.sample_rate)
-            name = f"{audio_file.stem}_clip{index:03d}_{start / audio.sample_rate:.2f}s"
-            write_audio(clip, output_dir / f"{name}.{audio_format}")
-    click.echo(f"wrote {num_clips} clips of {duration:g} s to {output_dir}")
 
 
 @click.command("audio-to-images")
@@ -244,6 +167,10 @@ def audio_to_images(
         raise click.ClickException(
             f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in {input_dir}"
         )
+    # rich's progress bar: only this command shows one.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = Console(stderr=True)
     failures: list[tuple[Path, str]] = []
     columns = (
@@ -270,33 +197,3 @@ def audio_to_images(
         raise click.ClickException(
             f"{len(failures)} file(s) failed: {', '.join(path.name for path, _ in failures)}"
         )
-
-
-@click.command("make-seed-images")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def make_seed_images(directory: Path) -> None:
-    """(Re)generate the seed and mask images plus manifest.json in DIRECTORY (deterministic)."""
-    with friendly_errors():
-        infos = generate_library(directory)
-    seeds = sum(info.kind == "seed" for info in infos)
-    click.echo(f"wrote {seeds} seed and {len(infos) - seeds} mask images to {directory}")
-
-
-@click.command("seed-images")
-@click.option("--kind", type=click.Choice(["seed", "mask"]), default=None, help="Only this kind.")
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Library folder (default: the project's seed_images/ or $RIFFUSION_SEED_IMAGES_DIR).",
-)
-def seed_images(kind: str | None, directory: Path | None) -> None:
-    """List the seed and mask images available by id."""
-    with friendly_errors():
-        library = SeedImageLibrary(directory)
-    table = Table("id", "kind", "tempo (bpm)", "description", title=str(library.directory))
-    for info in library.list(kind):
-        tempo = "" if info.tempo_bpm is None else f"{info.tempo_bpm:g}"
-        table.add_row(info.id, info.kind, tempo, info.description)
-    Console(width=160).print(table)
