@@ -62,7 +62,14 @@ from serving.metrics import (
     EngineMetrics,
     forget_dead_processes,
 )
-from serving.model_calls import ModelCallError, ModelClient, ModelReply, error_reply, run_isolated
+from serving.model_calls import (
+    ModelCallError,
+    ModelClient,
+    ModelReply,
+    check_prompt_tokens,
+    error_reply,
+    run_isolated,
+)
 from serving.openapi import document_api
 from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
@@ -153,10 +160,15 @@ class RiffusionModel:
 
     @bentoml.api
     async def submit(self, request: ModelRequest) -> ModelReply:
-        """Continuous batching: run one job in the engine, joining at the next step."""
+        """Continuous batching: run one job in the engine, joining at the next step.
+
+        A job the model cannot take (a prompt over its tokenizer's limit) is refused here,
+        before it enters the engine.
+        """
         if self.engine is None:
             return error_reply(EngineStopped(f"RIFFUSION_BATCHING={SETTINGS.batching}: no engine"))
         try:
+            check_prompt_tokens(self.pipeline.prompt_encoder, request.job)
             entry = self.engine.submit(request.job, request.timeout_s, request.job_id)
         except Exception as error:
             return error_reply(error)
@@ -179,13 +191,29 @@ class RiffusionModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def generate(self, requests: list[ModelRequest]) -> list[ModelReply]:
-        """Adaptive batching (or none): one clip per request, a failing job fails alone."""
+        """Adaptive batching (or none): one clip per request, a failing job fails alone.
+
+        Jobs the model cannot take (a prompt over its tokenizer's limit) are answered
+        before the batch runs, which then holds only the others.
+        """
         started = time.time()
         BATCH_SIZE.observe(len(requests))
-        for request in requests:
+        outcomes: list[Any] = []
+        runnable: list[int] = []
+        for index, request in enumerate(requests):
             QUEUE_WAIT.observe(max(0.0, started - request.submitted_at))
-        with self._lock:
-            outcomes = run_isolated(self.pipeline.run, [request.job for request in requests])
+            try:
+                check_prompt_tokens(self.pipeline.prompt_encoder, request.job)
+            except ValueError as error:
+                outcomes.append(error)
+                continue
+            outcomes.append(None)
+            runnable.append(index)
+        if runnable:
+            with self._lock:
+                ran = run_isolated(self.pipeline.run, [requests[i].job for i in runnable])
+            for index, outcome in zip(runnable, ran, strict=True):
+                outcomes[index] = outcome
         replies = []
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -232,6 +260,14 @@ extra_routes = Starlette(
 
 # ------------------------------------------------------------------ API service
 AudioFile = Annotated[Path, ContentType("audio/*")]
+# Job fields (as the model service names them in errors) -> the endpoints' request fields;
+# /run_inference/ and /interpolate take start/end prompt inputs as jobs do.
+TEXT_TO_AUDIO_FIELDS = {"start.prompt": "prompt", "start.negative_prompt": "negative_prompt"}
+AUDIO_TO_AUDIO_FIELDS = {
+    **TEXT_TO_AUDIO_FIELDS,
+    "end.prompt": "end_prompt",
+    "end.negative_prompt": "negative_prompt",
+}
 
 
 @bentoml.asgi_app(extra_routes, path="/")
@@ -308,9 +344,13 @@ class Riffusion:
         return self._check_image_id(mask_image_id, "mask", "mask_image_id")
 
     async def _generate_or_error(
-        self, jobs: Sequence[GenerationJob]
+        self, jobs: Sequence[GenerationJob], request_fields: dict[str, str] | None = None
     ) -> tuple[list[ModelResult], Any | None]:
-        """The jobs' results, or the error response of the first clip that failed."""
+        """The jobs' results, or the error response of the first clip that failed.
+
+        ``request_fields`` maps the job fields the model service may name in an error
+        (``start.prompt``) to the request's own (``prompt``); unmapped ones are named as is.
+        """
         client = ModelClient(self.model, SETTINGS.batching, SETTINGS.request_timeout_s)
         try:
             return await client.generate(jobs), None
@@ -319,7 +359,8 @@ class Riffusion:
             headers = {}
             if error.retry_after_s is not None:
                 headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-            return [], error_response(error.status, None, error.message, headers or None)
+            field = (request_fields or {}).get(error.field, error.field) if error.field else None
+            return [], error_response(error.status, field, error.message, headers or None)
 
     @staticmethod
     def _timing_headers(results: Sequence[ModelResult]) -> dict[str, str]:
@@ -378,7 +419,7 @@ class Riffusion:
             width=width_for_duration(request.duration_s),
             scheduler=request.scheduler,
         )
-        results, error = await self._generate_or_error([job])
+        results, error = await self._generate_or_error([job], TEXT_TO_AUDIO_FIELDS)
         if error is not None:
             return error
         audio = results[0].audio()
@@ -417,7 +458,7 @@ class Riffusion:
             )
         except AudioError as exc:
             return error_response(400, "audio", str(exc))
-        results, error = await self._generate_or_error(plan.jobs)
+        results, error = await self._generate_or_error(plan.jobs, AUDIO_TO_AUDIO_FIELDS)
         if error is not None:
             return error
         # Each result is fitted to its source clip so the riff lines up with the upload.

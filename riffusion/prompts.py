@@ -122,6 +122,15 @@ def check_prompt_length(prompt: str) -> str:
     return prompt
 
 
+class PromptTooLongError(ValueError):
+    """A prompt needing more CLIP tokens than the encoder's windows hold (nothing is truncated)."""
+
+    def __init__(self, message: str, token_count: int, max_tokens: int) -> None:
+        super().__init__(message)
+        self.token_count = token_count
+        self.max_tokens = max_tokens
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     hits: int
@@ -185,7 +194,7 @@ class PromptEncoder:
         return tuple(token_ids), tuple(weights)
 
     def windows_needed(self, prompt: str) -> int:
-        """CLIP windows ``prompt`` needs; raises ValueError past ``max_windows``."""
+        """CLIP windows ``prompt`` needs; raises PromptTooLongError past ``max_windows``."""
         token_count = len(self.tokenize(prompt)[0])
         return self._windows_for(token_count, prompt)
 
@@ -193,10 +202,12 @@ class PromptEncoder:
         windows = max(1, math.ceil(token_count / self.chunk_length))
         if windows > self.max_windows:
             preview = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-            raise ValueError(
+            raise PromptTooLongError(
                 f"prompt is {token_count} tokens long, more than the {self.max_tokens} tokens "
                 f"({self.max_windows} CLIP windows of {self.chunk_length}) supported; "
-                f"shorten it: {preview!r}"
+                f"shorten it: {preview!r}",
+                token_count,
+                self.max_tokens,
             )
         return windows
 

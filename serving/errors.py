@@ -20,9 +20,11 @@ def error_response(
 ) -> Any:
     """JSON error naming the offending field (``None`` for errors about no one field).
 
-    Typed ``Any``: endpoints declared to answer a file or model return it as well.
+    A nested field is dotted (``start.prompt``); its ``loc`` lists the parts, as in
+    validation errors. Typed ``Any``: endpoints declared to answer a file or model
+    return it as well.
     """
-    loc = [field] if field else []
+    loc: list[str] = field.split(".") if field else []
     body = {
         "error": f"{field}: {message}" if field else message,
         "detail": [{"loc": loc, "msg": message, "type": HTTPStatus(status).phrase}],

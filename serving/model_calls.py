@@ -7,7 +7,8 @@ disconnect, timeout, a sibling clip failing), the clips still running are
 cancelled in the model service, so they stop using the UNet within one step.
 
 Model side: every job gets a ``ModelReply``, a clip or a typed error, so one bad
-job never fails its batch-mates.
+job never fails its batch-mates; a job the model would refuse (a prompt over the
+tokenizer's limit) is refused before it enters the batch, naming the job field.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 from pydantic import BaseModel, Field
@@ -27,6 +28,9 @@ from riffusion.api_schemas import ModelRequest, ModelResult
 from riffusion.schemas import GenerationJob
 from serving.metrics import CLIP_LATENCY, CLIPS_IN_FLIGHT
 from serving.request_lifetime import REQUEST_DEADLINE
+
+if TYPE_CHECKING:
+    from riffusion.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,9 @@ class ModelError(BaseModel):
     status: int
     message: str
     retry_after_s: float | None = Field(default=None, description="for 503: when to retry")
+    field: str | None = Field(
+        default=None, description="the job field at fault, dotted (start.negative_prompt)"
+    )
 
 
 class ModelReply(BaseModel):
@@ -59,6 +66,39 @@ class ModelCallError(Exception):
 # --- model side --------------------------------------------------------------------------------
 
 
+class JobFieldError(ValueError):
+    """A job the model service refuses before running it; ``field`` is the dotted job field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_prompt_tokens(encoder: PromptEncoder, job: GenerationJob) -> None:
+    """Raise ``JobFieldError`` for the first prompt of ``job`` its real tokenizer cannot fit.
+
+    The API only checks a tokenizer-free lower bound; this counts the model's own
+    tokens (cached, so the job's later embedding does not tokenise again).
+    """
+    from riffusion.prompts import PromptTooLongError  # torch: model side only
+
+    for side, prompt_input in (("start", job.start), ("end", job.end)):
+        if prompt_input is None:
+            continue
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(prompt_input, name)
+            if not text:
+                continue
+            try:
+                encoder.windows_needed(text)
+            except PromptTooLongError as error:
+                raise JobFieldError(
+                    f"{side}.{name}",
+                    f"{error.token_count} CLIP tokens long, more than the {error.max_tokens} "
+                    "supported; shorten it",
+                ) from error
+
+
 def error_reply(error: BaseException) -> ModelReply:
     """The reply for a job that raised ``error`` (unexpected errors are logged, not echoed)."""
     from riffusion.engine import EngineStopped, JobCancelled, JobExpired, JobRefused
@@ -71,6 +111,8 @@ def error_reply(error: BaseException) -> ModelReply:
         return _error(HTTPStatus.SERVICE_UNAVAILABLE, str(error), 5.0)
     if isinstance(error, JobExpired):
         return _error(HTTPStatus.GATEWAY_TIMEOUT, str(error))
+    if isinstance(error, JobFieldError):
+        return _error(HTTPStatus.BAD_REQUEST, str(error), field=error.field)
     if isinstance(error, JobCancelled | asyncio.CancelledError):
         # Its caller is normally gone; one still waiting may retry.
         return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the clip was cancelled", 1.0)
@@ -80,8 +122,12 @@ def error_reply(error: BaseException) -> ModelReply:
     return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "the model service failed on this clip")
 
 
-def _error(status: int, message: str, retry_after_s: float | None = None) -> ModelReply:
-    return ModelReply(error=ModelError(status=status, message=message, retry_after_s=retry_after_s))
+def _error(
+    status: int, message: str, retry_after_s: float | None = None, field: str | None = None
+) -> ModelReply:
+    return ModelReply(
+        error=ModelError(status=status, message=message, retry_after_s=retry_after_s, field=field)
+    )
 
 
 def run_isolated(

@@ -334,6 +334,67 @@ def test_too_long_prompt_fails_alone_not_its_batch(server: str) -> None:
     assert first.status_code == second.status_code == 200, (first.text, second.text)
 
 
+# Under the API's tokenizer-free bound (200 pieces <= 225) but over the model's real limit:
+# the tiny model's tokenizer makes "word" 4 tokens, 800 in all. Only the model service's
+# own tokenizer can tell, so this checks its refusal and the API's naming of the field.
+OVER_REAL_TOKENS = ("word " * 200).strip()
+STEPS_FIELD = {"num_inference_steps": STEPS}
+
+
+@pytest.mark.parametrize(
+    ("path", "request_kwargs", "loc"),
+    [
+        ("/text_to_audio", {"json": clip_body(3, prompt=OVER_REAL_TOKENS)}, ["prompt"]),
+        (
+            "/text_to_audio",
+            {"json": clip_body(3, negative_prompt=OVER_REAL_TOKENS)},
+            ["negative_prompt"],
+        ),
+        (
+            "/run_inference/",
+            {"json": {"start": {"prompt": OVER_REAL_TOKENS}, **STEPS_FIELD}},
+            ["start", "prompt"],
+        ),
+        (
+            "/interpolate",
+            {
+                "json": {
+                    "start": {"prompt": "bells"},
+                    "end": {"prompt": "jazz", "negative_prompt": OVER_REAL_TOKENS},
+                    "num_clips": 2,
+                    **STEPS_FIELD,
+                }
+            },
+            ["end", "negative_prompt"],
+        ),
+        (
+            "/audio_to_audio",
+            {
+                "files": {"audio": ("a.wav", wav_bytes(0.5), "audio/wav")},
+                "data": {"prompt": "guitar", "end_prompt": OVER_REAL_TOKENS, **STEPS_FIELD},
+            },
+            ["end_prompt"],
+        ),
+    ],
+)
+def test_prompt_over_the_real_token_limit_is_400_naming_the_field(
+    server: str, path: str, request_kwargs: dict[str, Any], loc: list[str]
+) -> None:
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=300) as client:
+            return await asyncio.gather(
+                client.post(path, **request_kwargs),
+                client.post("/text_to_audio", json=clip_body(11)),
+            )
+
+    bad, valid = asyncio.run(fire())
+    assert bad.status_code == 400, bad.text
+    error = error_of(bad)
+    assert [item["loc"] for item in error["detail"]] == [loc], error
+    assert error["error"].startswith(".".join(loc) + ": 800 CLIP tokens long"), error
+    assert valid.status_code == 200, valid.text
+
+
 def test_model_info_does_not_wait_behind_a_generation(server: str) -> None:
     slow = clip_body(5, duration_s=5.12, num_inference_steps=10)
     result: dict[str, Any] = {}

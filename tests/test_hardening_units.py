@@ -141,3 +141,38 @@ def test_spec_marks_null_defaults_nullable() -> None:
     properties = schema["schema"]["properties"]
     assert properties["mask_image_id"]["nullable"] is True
     assert "nullable" not in properties["n"]
+
+
+def test_model_service_names_the_prompt_its_tokenizer_cannot_fit(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from riffusion.prompts import PromptEncoder
+    from riffusion.schemas import GenerationJob, PromptInput
+    from serving.model_calls import JobFieldError, check_prompt_tokens, error_reply
+
+    encoder = PromptEncoder(tokenizer, torch.nn.Identity())
+    over = ("word " * 200).strip()  # 200 pieces: passes the API's bound; 800 real tokens
+    assert check_prompt_length(over) == over
+    fine = PromptInput(prompt="word " * 50, negative_prompt="noise", seed=1)  # 200 tokens
+    check_prompt_tokens(encoder, GenerationJob(start=fine, end=fine))
+
+    job = GenerationJob(start=fine, end=fine.model_copy(update={"negative_prompt": over}))
+    with pytest.raises(JobFieldError) as raised:
+        check_prompt_tokens(encoder, job)
+    assert raised.value.field == "end.negative_prompt"
+    reply = error_reply(raised.value)
+    assert reply.error is not None and reply.error.status == 400
+    assert reply.error.field == "end.negative_prompt"
+    assert reply.error.message == "800 CLIP tokens long, more than the 225 supported; shorten it"
+
+
+def test_a_dotted_field_is_a_nested_location() -> None:
+    import json
+
+    from serving.errors import error_response
+
+    body = json.loads(error_response(400, "start.prompt", "too long").body)
+    assert body == {
+        "error": "start.prompt: too long",
+        "detail": [{"loc": ["start", "prompt"], "msg": "too long", "type": "Bad Request"}],
+    }
