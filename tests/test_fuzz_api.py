@@ -31,8 +31,16 @@ SUITE_EXAMPLES = 30
 
 
 def schemathesis_command(
-    url: str, api_key: str, max_examples: int, phases: str, seed: int = 1
+    url: str,
+    api_key: str,
+    max_examples: int,
+    phases: str,
+    seed: int = 1,
+    max_time_s: int | None = None,
 ) -> list[str]:
+    # With a time budget, fuzzing repeats until it is spent (the long documented run);
+    # every case then runs, failures or not, so the summary counts them all.
+    budget = ["--max-time", str(max_time_s), "--continue-on-failure"] if max_time_s else []
     return [
         executable("schemathesis"),
         "run",
@@ -54,12 +62,19 @@ def schemathesis_command(
         "--request-timeout",
         "300",
         "--no-shrink",
+        *budget,
     ]
 
 
 def run_fuzz(
-    url: str, api_key: str, max_examples: int, phases: str = "fuzzing"
+    url: str,
+    api_key: str,
+    max_examples: int,
+    phases: str = "fuzzing",
+    max_time_s: int | None = None,
+    capture: bool = True,
 ) -> subprocess.CompletedProcess[str]:
+    """Run schemathesis; ``capture=False`` streams its report to this process's output."""
     env = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks",
@@ -67,12 +82,13 @@ def run_fuzz(
         "COLUMNS": "200",
     }
     return subprocess.run(
-        schemathesis_command(url, api_key, max_examples, phases),
+        schemathesis_command(url, api_key, max_examples, phases, max_time_s=max_time_s),
         cwd=REPO_ROOT,
         env=env,
-        capture_output=True,
+        capture_output=capture,
         text=True,
-        timeout=1800,
+        # A request may still be running when the budget ends (--request-timeout 300).
+        timeout=max(1800, (max_time_s or 0) + 600),
         check=False,
     )
 
@@ -112,7 +128,7 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_spec(server: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m tests.test_fuzz_api URL [--max-examples N] [--api-key KEY]``."""
+    """``python -m tests.test_fuzz_api URL [--max-examples N] [--api-key KEY] [--max-time S]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -120,9 +136,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--max-examples", type=int, default=300)
     parser.add_argument("--api-key", default=os.environ.get("RIFFUSION_API_KEY", ""))
     parser.add_argument("--phases", default="examples,coverage,fuzzing")
+    parser.add_argument(
+        "--max-time",
+        type=int,
+        default=None,
+        help="seconds: fuzzing repeats until they are spent, and every failure is counted",
+    )
     args = parser.parse_args(argv)
-    result = run_fuzz(args.url, args.api_key, args.max_examples, args.phases)
-    sys.stdout.write(result.stdout + result.stderr)
+    sys.stdout.flush()
+    result = run_fuzz(
+        args.url, args.api_key, args.max_examples, args.phases, args.max_time, capture=False
+    )
     return result.returncode
 
 
