@@ -14,6 +14,7 @@ Configuration: ``RIFFUSION_*`` environment variables (see README and
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import math
@@ -198,22 +199,13 @@ class RiffusionModel:
         """
         started = time.time()
         BATCH_SIZE.observe(len(requests))
-        outcomes: list[Any] = []
-        runnable: list[int] = []
-        for index, request in enumerate(requests):
+        for request in requests:
             QUEUE_WAIT.observe(max(0.0, started - request.submitted_at))
-            try:
-                check_prompt_tokens(self.pipeline.prompt_encoder, request.job)
-            except ValueError as error:
-                outcomes.append(error)
-                continue
-            outcomes.append(None)
-            runnable.append(index)
-        if runnable:
-            with self._lock:
-                ran = run_isolated(self.pipeline.run, [requests[i].job for i in runnable])
-            for index, outcome in zip(runnable, ran, strict=True):
-                outcomes[index] = outcome
+        check = functools.partial(check_prompt_tokens, self.pipeline.prompt_encoder)
+        with self._lock:
+            outcomes = run_isolated(
+                self.pipeline.run, [request.job for request in requests], check=check
+            )
         replies = []
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, BaseException):

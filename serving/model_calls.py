@@ -131,11 +131,36 @@ def _error(
 
 
 def run_isolated(
-    run: Callable[[list[GenerationJob]], list[Any]], jobs: Sequence[GenerationJob]
+    run: Callable[[list[GenerationJob]], list[Any]],
+    jobs: Sequence[GenerationJob],
+    check: Callable[[GenerationJob], None] | None = None,
 ) -> list[Any | BaseException]:
-    """``run(jobs)``; if the batch raises, each job again alone, so only bad jobs fail."""
+    """``run(jobs)``, one outcome per job: a job that fails ``check`` gets its error and
+    never joins the batch; if the batch raises, each job runs again alone, so only bad
+    jobs fail."""
+    outcomes: list[Any | BaseException] = []
+    runnable: list[int] = []
+    for index, job in enumerate(jobs):
+        try:
+            if check is not None:
+                check(job)
+        except Exception as error:
+            outcomes.append(error)
+            continue
+        outcomes.append(None)
+        runnable.append(index)
+    for index, outcome in zip(runnable, _run_batch(run, [jobs[i] for i in runnable]), strict=True):
+        outcomes[index] = outcome
+    return outcomes
+
+
+def _run_batch(
+    run: Callable[[list[GenerationJob]], list[Any]], jobs: list[GenerationJob]
+) -> list[Any | BaseException]:
+    if not jobs:
+        return []
     try:
-        return list(run(list(jobs)))
+        return list(run(jobs))
     except Exception as error:
         if len(jobs) == 1:
             return [error]

@@ -176,3 +176,24 @@ def test_a_dotted_field_is_a_nested_location() -> None:
         "error": "start.prompt: too long",
         "detail": [{"loc": ["start", "prompt"], "msg": "too long", "type": "Bad Request"}],
     }
+
+
+def test_a_job_refused_by_the_check_never_joins_the_batch() -> None:
+    from riffusion.schemas import GenerationJob, PromptInput
+    from serving.model_calls import JobFieldError, run_isolated
+
+    jobs = [GenerationJob(start=PromptInput(prompt=p, seed=1)) for p in ("ok", "too long", "fine")]
+    batches: list[list[str]] = []
+
+    def run(batch: list[GenerationJob]) -> list[str]:
+        batches.append([job.start.prompt for job in batch])
+        return [job.start.prompt.upper() for job in batch]
+
+    def check(job: GenerationJob) -> None:
+        if job.start.prompt == "too long":
+            raise JobFieldError("start.prompt", "too long")
+
+    outcomes = run_isolated(run, jobs, check=check)
+    assert outcomes[0] == "OK" and outcomes[2] == "FINE"
+    assert isinstance(outcomes[1], JobFieldError)
+    assert batches == [["ok", "fine"]]  # one batch, without the refused job
