@@ -10,7 +10,9 @@ the pipeline on its device and repeats, at every step boundary:
 3. run ONE denoising step for every running job: one UNet forward per group of jobs
    that share a latent shape and text length, each job at its own timestep;
 4. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
-   thread of its own (``postprocess="thread"``) or between steps (``"inline"``).
+   thread of its own (``postprocess="thread"``) or between steps (``"inline"``),
+   earliest deadline first, skipping jobs whose caller left meanwhile; a GPU
+   decodes them together, a CPU one by one (each answered as soon as it is done).
 
 Submitting refuses a job at once (``JobRefused``, with a retry hint) when its deadline
 cannot be met, predicted from the measured step time, the jobs ahead of it and its
@@ -464,8 +466,14 @@ class Engine:
         """
         now = time.monotonic()
         with self._lock:
-            entries = [e for e in entries if not self._dropped(e, now)]
-        for group in group_by(entries, lambda e: e.prepared.latent_shape).values():
+            entries = sorted(
+                (e for e in entries if not self._dropped(e, now)), key=lambda e: e.deadline
+            )
+        # A GPU decodes and vocodes a group in one call for the price of one; on a CPU the
+        # cost grows with every clip anyway, so each clip is answered as soon as it is done.
+        batched = self.pipeline.device.type == "cuda"
+        key = (lambda e: e.prepared.latent_shape) if batched else (lambda e: e.id)
+        for group in group_by(entries, key).values():
             began = time.perf_counter()
             try:
                 clips = self.pipeline.finish([e.prepared for e in group])

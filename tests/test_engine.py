@@ -260,10 +260,12 @@ class GatedFinishPipeline(PacedPipeline):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.gate = threading.Event()
         self.finished_prompts: list[str] = []
+        self.finish_calls: list[int] = []  # jobs per call
 
     def finish(self, group: Sequence[JobState]) -> list[GeneratedClip]:
         assert self.gate.wait(timeout=60)
         self.finished_prompts += [state.job.start.prompt for state in group]
+        self.finish_calls.append(len(group))
         return super().finish(group)
 
 
@@ -293,6 +295,38 @@ def test_jobs_abandoned_while_queued_for_post_processing_skip_it(
         engine.stop()
     assert gated.finished_prompts == ["first"]  # no decode or Griffin-Lim for nobody
     assert recorder.outcomes == {"completed": 1, "cancelled": 1}
+
+
+def test_on_a_cpu_jobs_done_together_are_answered_one_by_one_earliest_deadline_first(
+    library: SeedImageLibrary,
+) -> None:
+    gated = GatedFinishPipeline(
+        build_tiny_components(device="cpu"),
+        seed_images=library,
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
+    )
+    engine, _ = make_engine(gated)  # inline: the engine thread itself waits at the gate
+    answered: list[str] = []
+    try:
+        blocker = engine.submit(job("blocker", steps=2))
+        wait_until(lambda: blocker.state is not None and blocker.prepared.finished)
+        # Both wait while the engine is held, so they are admitted and finish together.
+        jobs = [
+            engine.submit(job(name, steps=4), timeout_s=timeout)
+            for name, timeout in (("later", 300.0), ("sooner", 200.0))
+        ]
+        for entry in jobs:
+            entry.future.add_done_callback(
+                lambda _, name=entry.job.start.prompt: answered.append(name)
+            )
+        gated.gate.set()
+        for entry in [blocker, *jobs]:
+            entry.future.result(timeout=60)
+    finally:
+        gated.gate.set()
+        engine.stop()
+    assert gated.finish_calls == [1, 1, 1]  # one decode + Griffin-Lim call each, not one for both
+    assert answered == ["sooner", "later"]
 
 
 def test_a_failing_job_fails_alone(pipeline: PacedPipeline) -> None:
