@@ -29,6 +29,8 @@ import json
 import os
 import platform
 import random
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -288,6 +290,8 @@ def main(
     output: Path | None,
 ) -> None:
     """Latency percentiles, throughput and real-time share per batching mode and load."""
+    # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     load_list = [float(x) for x in loads.split(",") if x.strip()]
     capacity = 0.0
