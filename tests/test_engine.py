@@ -269,14 +269,18 @@ class GatedFinishPipeline(PacedPipeline):
         return super().finish(group)
 
 
-def test_jobs_abandoned_while_queued_for_post_processing_skip_it(
-    library: SeedImageLibrary,
-) -> None:
-    gated = GatedFinishPipeline(
+@pytest.fixture
+def gated(library: SeedImageLibrary) -> GatedFinishPipeline:
+    return GatedFinishPipeline(
         build_tiny_components(device="cpu"),
         seed_images=library,
         spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
     )
+
+
+def test_jobs_abandoned_while_queued_for_post_processing_skip_it(
+    gated: GatedFinishPipeline,
+) -> None:
     engine, recorder = make_engine(gated, postprocess="thread")
     try:
         first = engine.submit(job("first", steps=2))
@@ -298,13 +302,8 @@ def test_jobs_abandoned_while_queued_for_post_processing_skip_it(
 
 
 def test_on_a_cpu_jobs_done_together_are_answered_one_by_one_earliest_deadline_first(
-    library: SeedImageLibrary,
+    gated: GatedFinishPipeline,
 ) -> None:
-    gated = GatedFinishPipeline(
-        build_tiny_components(device="cpu"),
-        seed_images=library,
-        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
-    )
     engine, _ = make_engine(gated)  # inline: the engine thread itself waits at the gate
     answered: list[str] = []
     try:
