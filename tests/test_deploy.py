@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from load_tests.server import executable
+from load_tests.server import LocalServer, executable
+from tests.shared_servers import SHARED_API_KEY as API_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "deploy" / "kubernetes"
@@ -301,21 +301,9 @@ def test_bentocloud_deployment_file() -> None:
     assert model_env["RIFFUSION_DEVICE"] == "cuda"
 
 
-API_KEY = "deploy-test-key"
-
-
 @pytest.fixture(scope="module")
-def served_with_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from load_tests.server import LocalServer
-
-    tmp = tmp_path_factory.mktemp("served-with-key")
-    env = {
-        "RIFFUSION_API_KEY": API_KEY,
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    with LocalServer(tmp / "serve.log", "tiny", env, ready_timeout_s=300) as server:
-        yield server.url
+def served_with_key(keyed_server: LocalServer) -> str:
+    return keyed_server.url
 
 
 def test_openapi_document_describes_the_service_and_its_api_key(served_with_key: str) -> None:

@@ -12,13 +12,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
 from load_tests.server import REPO_ROOT, LocalServer, executable
+from tests.shared_servers import SHARED_API_KEY as API_KEY
 
-API_KEY = "fuzz-key"
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",
@@ -99,22 +99,8 @@ def requests_sent(output: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from test_service_api import make_small_library
-
-    tmp = tmp_path_factory.mktemp("fuzz")
-    make_small_library(tmp / "seed_images")
-    env = {
-        "RIFFUSION_API_KEY": API_KEY,
-        "RIFFUSION_SEED_IMAGES_DIR": str(tmp / "seed_images"),
-        "RIFFUSION_MAX_UPLOAD_MB": "0.5",
-        "RIFFUSION_MAX_UPLOAD_SECONDS": "3",
-        "RIFFUSION_MAX_LATENCY_MS": "600000",
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    with LocalServer(tmp / "serve.log", "tiny", env, 300) as local:
-        yield local.url
+def server(keyed_server: LocalServer) -> str:
+    return keyed_server.url
 
 
 @pytest.mark.timeout(1200)

@@ -14,7 +14,6 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -350,11 +349,8 @@ def test_histogram_deltas_ignore_other_metrics() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    # Generous: model load and worker start-up take far longer on a busy 2-core machine.
-    with LocalServer(log, model="tiny", ready_timeout_s=600) as local:
-        yield local.url
+def server(open_server: LocalServer) -> str:
+    return open_server.url
 
 
 def _runner(*args: str) -> subprocess.CompletedProcess[str]:

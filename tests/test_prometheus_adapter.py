@@ -49,15 +49,8 @@ def series_name(rule: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("prometheus-served")
-    env = {
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "HF_HUB_OFFLINE": "1",
-        "RIFFUSION_MAX_LATENCY_MS": "600000",
-    }
-    with LocalServer(tmp / "serve.log", "tiny", env, ready_timeout_s=300) as server:
-        yield server.url
+def served(open_server: LocalServer) -> str:
+    return open_server.url
 
 
 @pytest.fixture(scope="module")

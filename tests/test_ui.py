@@ -1,6 +1,7 @@
 """The playground page (/ui) in headless Chromium against a real `bentoml serve` (tiny model).
 
-The instance runs with an API key, so the page must ask for it; the seed images are
+The shared keyed instance (tests/shared_servers.py) has an API key, so the page must ask
+for it; the seed images are
 cropped to 64 px (0.64 s clips, unless a screenshot is asked for) and requests use
 one denoising step to keep CPU generation short. Chromium is Debian's package
 (`make browser` installs it), driven by playwright; nothing is downloaded at run time.
@@ -14,7 +15,6 @@ also saves a screenshot of the jam in full swing (the one in docs/).
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -25,16 +25,16 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from PIL import Image
 
 from load_tests.server import LocalServer
+from tests.shared_servers import SHARED_API_KEY as API_KEY
+from tests.shared_servers import SMALL_CLIP_PX
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("RIFFUSION_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOT_ENV = "RIFFUSION_UI_SCREENSHOT"
-API_KEY = "ui-test-key"
 # 0.64 s clips keep Griffin-Lim on CPU short; the docs screenshot shows full 5.12 s clips.
-CLIP_PX = 512 if os.environ.get(SCREENSHOT_ENV) else 64
+CLIP_PX = SMALL_CLIP_PX
 STEPS = "1"
 # CPU generation on a busy two-core machine takes tens of seconds per batch.
 CLIP_TIMEOUT_MS = 240_000 if CLIP_PX == 64 else 900_000
@@ -51,30 +51,9 @@ JAM_STATE = """() => {
 }"""
 
 
-def make_small_library(directory: Path) -> Path:
-    """The project's seed and mask images cropped to CLIP_PX wide (EXIF kept)."""
-    manifest = json.loads((ROOT / "seed_images" / "manifest.json").read_text())
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in manifest["images"]:
-        image = Image.open(ROOT / "seed_images" / entry["file"])
-        exif = image.getexif()
-        image.crop((0, 0, CLIP_PX, image.height)).save(directory / entry["file"], exif=exif)
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-    return directory
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("ui")
-    env = {
-        "RIFFUSION_API_KEY": API_KEY,
-        "RIFFUSION_SEED_IMAGES_DIR": str(make_small_library(tmp / "seed_images")),
-        "RIFFUSION_MAX_LATENCY_MS": "600000",
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    with LocalServer(tmp / "serve.log", "tiny", env) as local:
-        yield local.url
+def server(keyed_server: LocalServer) -> str:
+    return keyed_server.url
 
 
 @pytest.fixture(scope="module")

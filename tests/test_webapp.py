@@ -138,20 +138,10 @@ def play(answer: dict[str, Any]) -> tuple[np.ndarray, float]:
 
 
 @pytest.fixture(scope="module")
-def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def app_client(open_server: LocalServer) -> Iterator[httpx.Client]:
     """A served instance set up as README's 'Using the riffusion web app' says: no API key
     (the app's proxy sends none)."""
-    tmp = tmp_path_factory.mktemp("webapp")
-    env = {
-        "RIFFUSION_API_KEY": None,
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "HF_HUB_OFFLINE": "1",
-        "RIFFUSION_SEED_IMAGES_DIR": None,
-    }
-    with (
-        LocalServer(tmp / "serve.log", "tiny", env, ready_timeout_s=300) as server,
-        httpx.Client(base_url=server.url) as client,
-    ):
+    with httpx.Client(base_url=open_server.url) as client:
         yield client
 
 
