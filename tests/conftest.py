@@ -9,7 +9,9 @@ shared instance runs at a time.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 
@@ -18,6 +20,16 @@ from tests.shared_servers import SHARED_CONFIGS, SharedServers
 
 SHARED_SERVERS = pytest.StashKey[SharedServers]()
 LAST_USERS = pytest.StashKey[dict[str, str]]()  # fixture name -> nodeid of its last user
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A CI time limit (or `timeout`) sends SIGTERM: end the session as Ctrl-C does, so
+    # fixtures are torn down and no served instance outlives it.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _shared_names(item: pytest.Item) -> set[str]:
