@@ -14,8 +14,9 @@ spectrogram images and audio. The steps, in order:
    running job adds its latents twice (unconditional, conditional) to ONE UNet
    forward with a per-sample timestep, then steps its own scheduler, then
    re-applies its mask; jobs with fewer steps drop out early;
-4. ``finish``: decode all latents of a shape in one VAE call, read the pixels
-   as mel amplitudes and run one batched Griffin-Lim with a generator per job;
+4. ``finish``: decode the latents (on a GPU all of a shape in one VAE call; on
+   a CPU one clip at a time, to bound memory), read the pixels as mel
+   amplitudes and run Griffin-Lim with a generator per job;
 5. normalise loudness and return one ``GeneratedClip`` per job, in job order.
 
 Per-job randomness comes from generators seeded by the job's own seeds and
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
+from riffusion.heap import release_freed_memory
 from riffusion.latents import (
     LATENT_CHANNELS,
     CacheStats,
@@ -410,10 +412,26 @@ class RiffusionPipeline:
         return [clips[index] for index in range(len(jobs))]
 
     def finish(self, group: Sequence[JobState]) -> list[GeneratedClip]:
-        """Decode finished jobs of one latent shape (one VAE call) and turn them into audio.
+        """Decode finished jobs of one latent shape and turn them into audio.
 
-        Timings cover the job's own stages; the caller adds ``total`` (it knows when the job began).
+        On a GPU the group goes through one VAE call and one batched Griffin-Lim. On a
+        CPU its clips go one at a time, each released (and the freed heap returned to
+        the OS) before the next: a batch's VAE activations and Griffin-Lim buffers at
+        once grew the worker by hundreds of MB per batch (docs/benchmarks.md, "Hardening:
+        memory per request"), and batching them saves no CPU time (Griffin-Lim already
+        runs item by item there). Timings cover the job's own stages; the caller adds
+        ``total`` (it knows when the job began).
         """
+        if self.device.type == "cuda":
+            return self._finish_together(group)
+        clips: list[GeneratedClip] = []
+        for state in group:
+            clips += self._finish_together([state])
+            release_freed_memory()
+        return clips
+
+    def _finish_together(self, group: Sequence[JobState]) -> list[GeneratedClip]:
+        """``finish`` for ``group`` in one VAE call and one Griffin-Lim call."""
         params = self.spectrogram_params
         latents = torch.cat([state.latents for state in group])  # (B, 4, h, w)
         decode_began = time.perf_counter()

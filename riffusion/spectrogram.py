@@ -54,6 +54,12 @@ from riffusion.exif import INT16_FULL_SCALE, ExifTag
 BAND_RATE_HEADROOM = 1.5
 
 
+# Frames per chunk of the Griffin-Lim loop are chosen so one chunk's real FFT input
+# is about this size (its other buffers are a few times that).
+GRIFFIN_LIM_CHUNK_BYTES = 8 * 2**20
+# The initial phase is drawn in pieces of about this many complex numbers.
+PHASE_PIECE = 1 << 18
+
 # One generator for everything, or one per item of a batch's first dimension.
 PhaseGenerator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -213,7 +219,9 @@ class _StftGrid:
     """One STFT layout (the format's, or the same frames at a lower sample rate).
 
     Spectra are (batch, frames, n_stft): the layout torch.stft computes in, so
-    the Griffin-Lim loop makes no transposed copies.
+    the Griffin-Lim loop makes no transposed copies. The transforms work on a
+    range of frames at a time, so Griffin-Lim never holds more than one chunk
+    of FFT buffers (see ``SpectrogramConverter._griffin_lim_on``).
     """
 
     sample_rate: int
@@ -238,56 +246,96 @@ class _StftGrid:
     def n_stft(self) -> int:
         return self.n_fft // 2 + 1
 
-    def stft(self, waveform: Tensor) -> Tensor:
-        """(batch, samples) -> complex (batch, frames, n_stft), as torchaudio's Spectrogram."""
-        spectrum = torch.stft(
-            waveform,
-            n_fft=self.n_fft,
-            hop_length=self.hop_length,
-            win_length=self.win_length,
-            window=self.window,
-            center=True,
-            pad_mode="reflect",
-            onesided=True,
-            return_complex=True,
-        )
-        return spectrum.transpose(-1, -2)
+    @property
+    def frame_offset(self) -> int:
+        """Where the window (``win_length``, centred) starts inside an ``n_fft`` frame."""
+        return (self.n_fft - self.win_length) // 2
 
-    def inverse_stft(self, spectrum: Tensor, envelope: Tensor) -> Tensor:
-        """Complex (batch, frames, n_stft) -> (batch, (frames - 1) * hop); equals torch.istft.
+    def pad(self, waveform: Tensor) -> Tensor:
+        """(batch, samples) -> the reflect-padded signal torch.stft frames (center=True)."""
+        half = self.n_fft // 2
+        return torch.nn.functional.pad(waveform[:, None], (half, half), mode="reflect")[:, 0]
+
+    def analyse(self, padded: Tensor, first: int, count: int) -> Tensor:
+        """Complex (batch, count, n_stft): frames ``first..first + count - 1`` of the STFT of
+        the signal ``padded`` came from; the rows torch.stft computes (same windowed frames,
+        same FFT), a chunk at a time."""
+        offset = self.frame_offset
+        start = first * self.hop_length + offset
+        length = (count - 1) * self.hop_length + self.win_length
+        segments = padded[:, start : start + length].unfold(-1, self.win_length, self.hop_length)
+        frames = padded.new_zeros(padded.shape[0], count, self.n_fft)
+        torch.mul(segments, self.window, out=frames[..., offset : offset + self.win_length])
+        return torch.fft.rfft(frames)
+
+    def synthesise(self, spectrum: Tensor) -> Tensor:
+        """Complex (batch, count, n_stft) frames -> their windowed inverse FFTs,
+        (batch, count, win_length), for ``OverlapAdd``.
 
         torch.istft overlap-adds whole ``n_fft`` frames although the window
         (``win_length``, centred in the frame) zeroes all but a quarter of each;
-        this keeps only that part, the same sum at a quarter of the work.
+        only that part is kept, the same sum at a quarter of the work.
         """
-        num_frames = spectrum.shape[-2]
-        offset = (self.n_fft - self.win_length) // 2
+        offset = self.frame_offset
         frames = torch.fft.irfft(spectrum, n=self.n_fft)[..., offset : offset + self.win_length]
-        frames = frames * self.window  # (batch, frames, win_length)
-        summed = self._overlap_add(frames)
-        # center=True: the signal starts n_fft // 2 into the padded frame grid.
-        start = self.n_fft // 2 - offset
-        return summed[:, start : start + (num_frames - 1) * self.hop_length] / envelope
+        return frames.mul_(self.window)
+
+    def overlap_add(self, batch: int, num_frames: int) -> OverlapAdd:
+        """An empty overlap-add of ``num_frames`` frames (see ``OverlapAdd``)."""
+        return OverlapAdd(self, batch, num_frames, self.window.device)
 
     def window_envelope(self, num_frames: int) -> Tensor:
         """Sum of squared windows under each output sample (the istft normaliser)."""
-        squares = self.window.square().expand(1, num_frames, -1)
-        start = self.n_fft // 2 - (self.n_fft - self.win_length) // 2
-        envelope = self._overlap_add(squares)[0, start : start + (num_frames - 1) * self.hop_length]
+        summed = self.overlap_add(1, num_frames)
+        summed.add(self.window.square().expand(1, num_frames, -1), 0)
+        envelope = summed.signal(None)[0]
         if bool((envelope < 1e-11).any()):
             raise SpectrogramError("window overlap leaves gaps; step_size_ms is too large")
         return envelope
 
-    def _overlap_add(self, frames: Tensor) -> Tensor:
-        """(batch, frames, win_length) -> (batch, win_length + hop * (frames - 1))."""
-        total = self.win_length + self.hop_length * (frames.shape[-2] - 1)
-        summed = torch.nn.functional.fold(
-            frames.transpose(-1, -2),
-            output_size=(1, total),
-            kernel_size=(1, self.win_length),
-            stride=(1, self.hop_length),
-        )
-        return summed.reshape(frames.shape[0], total)
+
+class OverlapAdd:
+    """The overlap-add of an inverse STFT, fed a chunk of frames at a time.
+
+    Adds land in the order torch.nn.functional.fold (what torch.istft uses) adds
+    them: every output sample sums its frames by increasing offset inside the
+    frame, i.e. the latest frame first. Within a chunk each step adds one
+    hop-wide slice of every frame; chunks must come last to first, so the sums
+    (and the waveform) are the same bits as one fold over all frames, without
+    holding all the frames.
+    """
+
+    def __init__(self, grid: _StftGrid, batch: int, num_frames: int, device: torch.device):
+        self.grid = grid
+        self.num_frames = num_frames
+        self.next_end = num_frames  # chunks arrive last to first
+        hop = grid.hop_length
+        self.slices = math.ceil(grid.win_length / hop)  # hop-wide slices of a frame
+        # Room for the last frame's last (possibly partial) slice as a whole hop.
+        self.summed = torch.zeros(batch, hop * (num_frames + self.slices), device=device)
+
+    def add(self, frames: Tensor, first: int) -> None:
+        """Add windowed frames ``first..first + count - 1``, (batch, count, win_length)."""
+        count = frames.shape[-2]
+        if first + count != self.next_end:
+            raise ValueError("overlap-add chunks must come last to first, without gaps")
+        self.next_end = first
+        hop = self.grid.hop_length
+        for index in range(self.slices):
+            width = min(hop, self.grid.win_length - index * hop)
+            begin = (first + index) * hop
+            target = self.summed[:, begin : begin + count * hop].unflatten(-1, (count, hop))
+            target[..., :width] += frames[..., index * hop : index * hop + width]
+
+    def signal(self, envelope: Tensor | None) -> Tensor:
+        """(batch, (frames - 1) * hop): the centred signal, divided by ``envelope`` if given."""
+        if self.next_end != 0:
+            raise ValueError("overlap-add is missing its first frames")
+        grid = self.grid
+        # center=True: the signal starts n_fft // 2 into the padded frame grid.
+        start = grid.n_fft // 2 - grid.frame_offset
+        signal = self.summed[:, start : start + (self.num_frames - 1) * grid.hop_length]
+        return signal if envelope is None else signal / envelope
 
 
 def _band_rate(params: SpectrogramParams) -> int | None:
@@ -360,6 +408,11 @@ class SpectrogramConverter:
             if rate
             else None
         )
+        # The inverse mel's rows above the band are exactly zero (the mel scale stops
+        # below it), so mel input can go straight to the band grid.
+        self._inverse_mel_in_band = self.band_grid is not None and not bool(
+            self.inverse_mel_matrix[self.band_grid.n_stft :].any()
+        )
 
     @property
     def n_mels(self) -> int:
@@ -392,7 +445,12 @@ class SpectrogramConverter:
     def waveform_from_mel_amplitudes(
         self, amplitudes: Tensor, generator: PhaseGenerator = None
     ) -> Tensor:
-        """(..., channels, n_mels, frames) -> (..., channels, (frames - 1) * hop), Griffin-Lim."""
+        """(..., channels, n_mels, frames) -> (..., channels, (frames - 1) * hop), Griffin-Lim.
+
+        The inverse mel goes straight into Griffin-Lim's layout on the band grid
+        (its rows above the band are exactly zero), so the full-rate linear
+        spectrogram is never built.
+        """
         self._check_mel_shape(amplitudes)
         per_item = generator is not None and not isinstance(generator, torch.Generator)
         if per_item and self.device.type == "cpu" and amplitudes.dim() > 3:
@@ -406,12 +464,25 @@ class SpectrogramConverter:
                 )
             return torch.cat(
                 [
-                    self.griffin_lim(self.linear_amplitudes_from_mel(item[None]), [item_generator])
+                    self._waveform_from_mel(item[None], [item_generator])
                     for item, item_generator in zip(amplitudes, generators, strict=True)
                 ]
             )
-        linear = self.linear_amplitudes_from_mel(amplitudes)
-        return self.griffin_lim(linear, generator=generator)
+        return self._waveform_from_mel(amplitudes, generator)
+
+    def _waveform_from_mel(self, amplitudes: Tensor, generator: PhaseGenerator) -> Tensor:
+        leading = amplitudes.shape[:-2]
+        mel = amplitudes.reshape(-1, *amplitudes.shape[-2:]).to(self.device, torch.float32)
+        grid = self.band_grid if self._inverse_mel_in_band else self.grid
+        assert grid is not None
+        # (batch, frames, n_mels) @ (n_mels, bins): the frames-major layout, one buffer.
+        magnitudes = torch.matmul(mel.transpose(-1, -2), self.inverse_mel_matrix[: grid.n_stft].T)
+        magnitudes.clamp_(min=0)
+        if grid is not self.grid:
+            magnitudes.mul_(grid.win_length / self.grid.win_length)
+        del mel
+        waveform = self._griffin_lim_on(grid, magnitudes, leading, generator)
+        return self._to_format_rate(grid, waveform).reshape(*leading, -1)
 
     @torch.inference_mode()
     def griffin_lim(self, magnitudes: Tensor, generator: PhaseGenerator = None) -> Tensor:
@@ -432,68 +503,147 @@ class SpectrogramConverter:
           half the size, then resampled to the format's rate;
         - the phase update is fused into real-valued in-place ops;
         - the inverse STFT overlap-adds only the window's non-zero samples.
+
+        Memory: see ``_griffin_lim_on``.
         """
         leading = magnitudes.shape[:-2]
-        if not (generator is None or isinstance(generator, torch.Generator)):
-            generators = list(generator)
-            if not leading or len(generators) != leading[0]:
-                raise SpectrogramError(
-                    f"got {len(generators)} generators for a batch of shape {tuple(leading)}; "
-                    "give one per item of the first dimension"
-                )
-            item_shape = magnitudes.shape[1:]
-            angles = torch.cat([self._random_phase(item_shape, g)[None] for g in generators])
-        else:
-            angles = self._random_phase(magnitudes.shape, generator)
         magnitudes = magnitudes.reshape(-1, *magnitudes.shape[-2:]).to(self.device, torch.float32)
-        angles = angles.reshape(magnitudes.shape)
         if magnitudes.shape[-2] != self.grid.n_stft:
             raise SpectrogramError(
                 f"magnitudes must have {self.grid.n_stft} frequency bins, "
                 f"got shape {tuple(magnitudes.shape)}"
             )
-
         grid = self.grid
         band = self.band_grid
         if band is not None and not bool(magnitudes[:, band.n_stft :].any()):
             grid = band
             # Same bins (and the same initial phase on them); a window of
             # fewer samples sums to proportionally less.
-            scale = band.win_length / self.grid.win_length
-            magnitudes = magnitudes[:, : band.n_stft] * scale
-            angles = angles[:, : band.n_stft]
-        waveform = self._griffin_lim_on(grid, magnitudes, angles)
-        if grid is not self.grid:
-            assert self.band_resample is not None
-            length = (magnitudes.shape[-1] - 1) * self.params.hop_length
-            waveform = self.band_resample(waveform)[..., :length]
-        return waveform.reshape(*leading, waveform.shape[-1])
-
-    def _griffin_lim_on(self, grid: _StftGrid, magnitudes: Tensor, angles: Tensor) -> Tensor:
-        """The momentum iteration on one grid: (batch, n_stft, frames) -> (batch, samples)."""
-        p = self.params
+            magnitudes = magnitudes[:, : band.n_stft] * (band.win_length / self.grid.win_length)
         magnitudes = magnitudes.transpose(-1, -2).contiguous()  # (batch, frames, n_stft)
-        envelope = grid.window_envelope(magnitudes.shape[-2])
-        momentum = p.griffin_lim_momentum / (1 + p.griffin_lim_momentum)
-        spectrum = magnitudes * angles.transpose(-1, -2)
-        previous = torch.zeros_like(torch.view_as_real(spectrum))
-        for _ in range(p.num_griffin_lim_iters):
-            rebuilt = torch.view_as_real(grid.stft(grid.inverse_stft(spectrum, envelope)))
-            # angles = rebuilt - momentum * previous, normalised to unit modulus and
-            # scaled by the target magnitude, all in place on the (..., 2) real view.
-            update = rebuilt.sub(previous, alpha=momentum)
-            scale = torch.view_as_complex(update).abs().add_(1e-16)
-            torch.div(magnitudes, scale, out=scale)
-            spectrum = torch.view_as_complex(update.mul_(scale.unsqueeze(-1)))
-            previous = rebuilt
-        return grid.inverse_stft(spectrum, envelope)
+        waveform = self._griffin_lim_on(grid, magnitudes, leading, generator)
+        return self._to_format_rate(grid, waveform).reshape(*leading, -1)
 
-    def _random_phase(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
-        # torchaudio's rand_init distribution. Drawn on the generator's own device
-        # so a CPU generator works with CUDA.
-        draw_device = generator.device if generator is not None else self.device
-        angles = torch.rand(shape, generator=generator, device=draw_device, dtype=torch.complex64)
-        return angles.to(self.device)
+    def _to_format_rate(self, grid: _StftGrid, waveform: Tensor) -> Tensor:
+        if grid is self.grid:
+            return waveform
+        assert self.band_resample is not None
+        length = (waveform.shape[-1] // grid.hop_length) * self.params.hop_length
+        return self.band_resample(waveform)[..., :length]
+
+    def _griffin_lim_on(
+        self,
+        grid: _StftGrid,
+        magnitudes: Tensor,
+        leading: torch.Size,
+        generator: PhaseGenerator,
+    ) -> Tensor:
+        """The momentum iteration on one grid: (batch, frames, n_stft) -> (batch, samples).
+
+        Memory: the loop works a chunk of frames at a time, fusing each iteration's
+        STFT, phase update, inverse FFT and overlap-add, so besides the magnitudes it
+        holds one complex spectrum (the previous STFT, for the momentum; the initial
+        phase before that) and one chunk's FFT buffers: about 3x the magnitudes in
+        all, where whole-signal transforms held about 12x. The result is the same
+        bits as the whole-signal loop (docs/benchmarks.md, "Hardening: memory per
+        request").
+        """
+        p = self.params
+        batch, num_frames, bins = magnitudes.shape
+        envelope = grid.window_envelope(num_frames)
+        momentum = p.griffin_lim_momentum / (1 + p.griffin_lim_momentum)
+        chunk = self._chunk_frames(batch, grid)
+        # Last to first: the order OverlapAdd needs.
+        chunks = [
+            (first, min(chunk, num_frames - first))
+            for first in reversed(range(0, num_frames, chunk))
+        ]
+        # The previous iteration's STFT as a (..., 2) real view; first the initial phase.
+        previous = torch.empty(batch, num_frames, bins, 2, device=magnitudes.device)
+        self._draw_initial_phase(torch.view_as_complex(previous), grid, leading, generator)
+        summed = grid.overlap_add(batch, num_frames)
+        for first, count in chunks:
+            part = slice(first, first + count)
+            spectrum = magnitudes[:, part] * torch.view_as_complex(previous[:, part])
+            summed.add(grid.synthesise(spectrum), first)
+            del spectrum
+        waveform = summed.signal(envelope)
+        for iteration in range(p.num_griffin_lim_iters):
+            padded = grid.pad(waveform)
+            summed = grid.overlap_add(batch, num_frames)
+            for first, count in chunks:
+                part = slice(first, first + count)
+                rebuilt = torch.view_as_real(grid.analyse(padded, first, count))
+                # angles = rebuilt - momentum * previous (zero before the first STFT),
+                # normalised to unit modulus and scaled by the target magnitude, all
+                # in place on the (..., 2) real view.
+                if iteration == 0:
+                    update = rebuilt.clone()
+                else:
+                    update = rebuilt.sub(previous[:, part], alpha=momentum)
+                previous[:, part] = rebuilt
+                del rebuilt
+                scale = torch.view_as_complex(update).abs().add_(1e-16)
+                torch.div(magnitudes[:, part], scale, out=scale)
+                spectrum = torch.view_as_complex(update.mul_(scale.unsqueeze(-1)))
+                del scale, update
+                summed.add(grid.synthesise(spectrum), first)
+                del spectrum
+            waveform = summed.signal(envelope)
+        return waveform
+
+    def _chunk_frames(self, batch: int, grid: _StftGrid) -> int:
+        """Frames per chunk of the Griffin-Lim loop: one chunk's real FFT input is about
+        ``GRIFFIN_LIM_CHUNK_BYTES`` (a GPU takes far larger chunks: fewer kernel launches)."""
+        budget = GRIFFIN_LIM_CHUNK_BYTES * (32 if self.device.type == "cuda" else 1)
+        return max(1, budget // (4 * batch * grid.n_fft))
+
+    def _draw_initial_phase(
+        self, out: Tensor, grid: _StftGrid, leading: torch.Size, generator: PhaseGenerator
+    ) -> None:
+        """Fill complex ``out`` (batch, frames, grid.n_stft) with torchaudio's rand_init draw
+        for the full-rate (..., n_stft, frames) shape, restricted to the grid's bins.
+
+        A generator yields the same numbers drawn in pieces as at once, so each channel's
+        block is drawn a few rows at a time (transposed into ``out``), and the rows above
+        the grid's bins are drawn and dropped, leaving the generator where the full draw
+        would: the same phase as one full draw, without its memory.
+        """
+        if generator is None or isinstance(generator, torch.Generator):
+            generators = [generator]
+            per_generator = math.prod(leading)
+        else:
+            generators = list(generator)
+            if not leading or len(generators) != leading[0]:
+                raise SpectrogramError(
+                    f"got {len(generators)} generators for a batch of shape {tuple(leading)}; "
+                    "give one per item of the first dimension"
+                )
+            per_generator = math.prod(leading[1:])
+        num_frames = out.shape[-2]
+        rows = max(1, PHASE_PIECE // num_frames)
+        skipped = (self.grid.n_stft - grid.n_stft) * num_frames
+        item = 0
+        for item_generator in generators:
+            # Drawn on the generator's own device, so a CPU generator works with CUDA.
+            device = item_generator.device if item_generator is not None else self.device
+            for _ in range(per_generator):
+                for row in range(0, grid.n_stft, rows):
+                    piece = torch.rand(
+                        (min(rows, grid.n_stft - row), num_frames),
+                        generator=item_generator,
+                        device=device,
+                        dtype=torch.complex64,
+                    )
+                    out[item, :, row : row + piece.shape[0]] = piece.T
+                for begin in range(0, skipped, PHASE_PIECE):
+                    torch.rand(
+                        min(PHASE_PIECE, skipped - begin),
+                        generator=item_generator,
+                        device=device,
+                        dtype=torch.complex64,
+                    )
+                item += 1
 
     def _check_mel_shape(self, amplitudes: Tensor) -> None:
         if amplitudes.ndim < 2 or amplitudes.shape[-2] != self.n_mels:
