@@ -7,6 +7,12 @@ peak rise over the RSS just before it, and fails (exit 1) when any rise passes t
 limit. Figures: docs/benchmarks.md.
 
     uv run --frozen --all-extras python -m bench.bench_memory [--limit-mb 300]
+
+``--stages`` instead measures, in this process, where the model worker's memory
+goes for the two heaviest shapes (one 20.48 s clip, 16 clips of 5.12 s): one VAE
+call over all the clips, Griffin-Lim over all of them, and the pipeline's whole
+post-processing (``RiffusionPipeline.finish``), each from a trimmed heap. Griffin-Lim
+runs 2 iterations there (its memory does not grow with the iteration count).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -180,10 +187,73 @@ def workers(server: LocalServer) -> dict[str, psutil.Process]:
     return found
 
 
+def rise_mb(work: Callable[[], object]) -> float:
+    """Peak RSS rise of this process while ``work`` runs, from a trimmed heap."""
+    from riffusion.heap import release_freed_memory
+
+    process = psutil.Process()
+    release_freed_memory()
+    before = process.memory_info().rss
+    with PeakSampler({"self": process}) as sampler:
+        work()
+    return max(0, sampler.peaks["self"] - before) / 2**20
+
+
+def stages() -> int:
+    """Print the post-processing stages' RSS rises (see the module docstring)."""
+    import torch
+
+    from riffusion.pipeline import RiffusionPipeline
+    from riffusion.spectrogram import SpectrogramParams
+
+    params = SpectrogramParams(num_griffin_lim_iters=2)
+    pipeline = RiffusionPipeline.load("tiny", spectrogram_params=params)
+    print(f"{'stage':54} {'+MB':>7}")
+    with torch.inference_mode():
+        for clips, width in ((1, 2048), (1, 2048), (16, 512)):  # the first pays warm-up
+            for stage, rise in stage_rises(pipeline, clips, width):
+                print(f"{clips} x {width} px: {stage:42} {rise:7.1f}", flush=True)
+    return 0
+
+
+def stage_rises(pipeline: Any, clips: int, width: int) -> list[tuple[str, float]]:
+    """(stage, RSS rise in MB) of post-processing ``clips`` clips ``width`` px wide."""
+    import torch
+
+    from riffusion.schemas import GenerationJob, PromptInput
+    from riffusion.spectrogram import get_converter, mel_amplitudes_from_pixels
+
+    params = pipeline.spectrogram_params
+    jobs = [
+        GenerationJob(
+            start=PromptInput(prompt="drums", seed=seed), num_inference_steps=1, width=width
+        )
+        for seed in range(clips)
+    ]
+    states = [pipeline.prepare(job, index) for index, job in enumerate(jobs)]
+    latents = torch.cat([state.latents for state in states])
+    mel = mel_amplitudes_from_pixels(pipeline.decode_pixels(latents), params)
+    converter = get_converter(params, pipeline.device)
+    generators = [torch.Generator().manual_seed(seed) for seed in range(clips)]
+    return [
+        ("VAE decode, one call", rise_mb(lambda: pipeline.decode_pixels(latents))),
+        (
+            "Griffin-Lim",
+            rise_mb(lambda: converter.waveform_from_mel_amplitudes(mel, generators)),
+        ),
+        ("post-processing (finish)", rise_mb(lambda: pipeline.finish(states))),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--limit-mb", type=float, default=300.0)
+    parser.add_argument(
+        "--stages", action="store_true", help="in-process breakdown of post-processing"
+    )
     args = parser.parse_args(argv)
+    if args.stages:
+        return stages()
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     env = {
         "RIFFUSION_API_KEY": API_KEY,

@@ -256,15 +256,20 @@ class _StftGrid:
         half = self.n_fft // 2
         return torch.nn.functional.pad(waveform[:, None], (half, half), mode="reflect")[:, 0]
 
-    def analyse(self, padded: Tensor, first: int, count: int) -> Tensor:
+    def frame_buffer(self, batch: int, count: int, device: torch.device) -> Tensor:
+        """Zeros (batch, count, n_fft) for ``analyse``: it writes only the window's part."""
+        return torch.zeros(batch, count, self.n_fft, device=device)
+
+    def analyse(self, padded: Tensor, first: int, count: int, buffer: Tensor) -> Tensor:
         """Complex (batch, count, n_stft): frames ``first..first + count - 1`` of the STFT of
         the signal ``padded`` came from; the rows torch.stft computes (same windowed frames,
-        same FFT), a chunk at a time."""
+        same FFT), a chunk at a time. ``buffer`` is a ``frame_buffer`` of at least ``count``
+        frames, reused from chunk to chunk."""
         offset = self.frame_offset
         start = first * self.hop_length + offset
         length = (count - 1) * self.hop_length + self.win_length
         segments = padded[:, start : start + length].unfold(-1, self.win_length, self.hop_length)
-        frames = padded.new_zeros(padded.shape[0], count, self.n_fft)
+        frames = buffer[:, :count]
         torch.mul(segments, self.window, out=frames[..., offset : offset + self.win_length])
         return torch.fft.rfft(frames)
 
@@ -297,44 +302,33 @@ class _StftGrid:
 class OverlapAdd:
     """The overlap-add of an inverse STFT, fed a chunk of frames at a time.
 
-    Adds land in the order torch.nn.functional.fold (what torch.istft uses) adds
-    them: every output sample sums its frames by increasing offset inside the
-    frame, i.e. the latest frame first. Within a chunk each step adds one
-    hop-wide slice of every frame; chunks must come last to first, so the sums
-    (and the waveform) are the same bits as one fold over all frames, without
-    holding all the frames.
+    Only the window's part of each frame is kept (a quarter of an ``n_fft`` frame)
+    and summed by one torch.nn.functional.fold: the same bits as torch.istft's
+    overlap-add.
     """
 
     def __init__(self, grid: _StftGrid, batch: int, num_frames: int, device: torch.device):
         self.grid = grid
-        self.num_frames = num_frames
-        self.next_end = num_frames  # chunks arrive last to first
-        hop = grid.hop_length
-        self.slices = math.ceil(grid.win_length / hop)  # hop-wide slices of a frame
-        # Room for the last frame's last (possibly partial) slice as a whole hop.
-        self.summed = torch.zeros(batch, hop * (num_frames + self.slices), device=device)
+        self.frames = torch.empty(batch, num_frames, grid.win_length, device=device)
 
     def add(self, frames: Tensor, first: int) -> None:
-        """Add windowed frames ``first..first + count - 1``, (batch, count, win_length)."""
-        count = frames.shape[-2]
-        if first + count != self.next_end:
-            raise ValueError("overlap-add chunks must come last to first, without gaps")
-        self.next_end = first
-        hop = self.grid.hop_length
-        for index in range(self.slices):
-            width = min(hop, self.grid.win_length - index * hop)
-            begin = (first + index) * hop
-            target = self.summed[:, begin : begin + count * hop].unflatten(-1, (count, hop))
-            target[..., :width] += frames[..., index * hop : index * hop + width]
+        """Windowed frames ``first..first + count - 1``, (batch, count, win_length)."""
+        self.frames[:, first : first + frames.shape[-2]] = frames
 
     def signal(self, envelope: Tensor | None) -> Tensor:
         """(batch, (frames - 1) * hop): the centred signal, divided by ``envelope`` if given."""
-        if self.next_end != 0:
-            raise ValueError("overlap-add is missing its first frames")
         grid = self.grid
+        batch, num_frames, _ = self.frames.shape
+        total = grid.win_length + grid.hop_length * (num_frames - 1)
+        summed = torch.nn.functional.fold(
+            self.frames.transpose(-1, -2),
+            output_size=(1, total),
+            kernel_size=(1, grid.win_length),
+            stride=(1, grid.hop_length),
+        ).reshape(batch, total)
         # center=True: the signal starts n_fft // 2 into the padded frame grid.
         start = grid.n_fft // 2 - grid.frame_offset
-        signal = self.summed[:, start : start + (self.num_frames - 1) * grid.hop_length]
+        signal = summed[:, start : start + (num_frames - 1) * grid.hop_length]
         return signal if envelope is None else signal / envelope
 
 
@@ -543,8 +537,9 @@ class SpectrogramConverter:
         Memory: the loop works a chunk of frames at a time, fusing each iteration's
         STFT, phase update, inverse FFT and overlap-add, so besides the magnitudes it
         holds one complex spectrum (the previous STFT, for the momentum; the initial
-        phase before that) and one chunk's FFT buffers: about 3x the magnitudes in
-        all, where whole-signal transforms held about 12x. The result is the same
+        phase before that), the windowed frames the overlap-add sums (a quarter of a
+        spectrum) and one chunk's FFT buffers: about 3.5x the magnitudes in all, where
+        whole-signal transforms held about 12x. The result is the same
         bits as the whole-signal loop (docs/benchmarks.md, "Hardening: memory per
         request").
         """
@@ -553,11 +548,8 @@ class SpectrogramConverter:
         envelope = grid.window_envelope(num_frames)
         momentum = p.griffin_lim_momentum / (1 + p.griffin_lim_momentum)
         chunk = self._chunk_frames(batch, grid)
-        # Last to first: the order OverlapAdd needs.
-        chunks = [
-            (first, min(chunk, num_frames - first))
-            for first in reversed(range(0, num_frames, chunk))
-        ]
+        chunks = [(first, min(chunk, num_frames - first)) for first in range(0, num_frames, chunk)]
+        buffer = grid.frame_buffer(batch, chunk, magnitudes.device)
         # The previous iteration's STFT as a (..., 2) real view; first the initial phase.
         previous = torch.empty(batch, num_frames, bins, 2, device=magnitudes.device)
         self._draw_initial_phase(torch.view_as_complex(previous), grid, leading, generator)
@@ -570,10 +562,9 @@ class SpectrogramConverter:
         waveform = summed.signal(envelope)
         for iteration in range(p.num_griffin_lim_iters):
             padded = grid.pad(waveform)
-            summed = grid.overlap_add(batch, num_frames)
             for first, count in chunks:
                 part = slice(first, first + count)
-                rebuilt = torch.view_as_real(grid.analyse(padded, first, count))
+                rebuilt = torch.view_as_real(grid.analyse(padded, first, count, buffer))
                 # angles = rebuilt - momentum * previous (zero before the first STFT),
                 # normalised to unit modulus and scaled by the target magnitude, all
                 # in place on the (..., 2) real view.
