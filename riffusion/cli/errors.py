@@ -10,8 +10,12 @@ import click
 
 @contextlib.contextmanager
 def friendly_errors(*expected: type[Exception]) -> Iterator[None]:
-    """Turn ``expected`` failures into click errors (one line, exit code 1)."""
+    """Turn ``expected`` failures into click errors: the message's first line, exit code 1.
+
+    A context manager, or a decorator of a whole command: ``@friendly_errors(ValueError)``.
+    """
     try:
         yield
     except expected as error:
-        raise click.ClickException(str(error)) from error
+        text = str(error).strip()
+        raise click.ClickException(text.splitlines()[0] if text else repr(error)) from error

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
@@ -20,6 +21,7 @@ from rich.progress import (
 )
 
 from riffusion.audio import Audio, AudioError, read_audio, write_audio
+from riffusion.cli.errors import friendly_errors
 from riffusion.cli.hub import prepare_hub_model
 from riffusion.models import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelLoadError
 from riffusion.pipeline import GeneratedClip, InvalidJobError, RiffusionPipeline
@@ -35,7 +37,6 @@ from riffusion.schemas import GenerationJob, PromptInput, SchedulerName, width_f
 from riffusion.seed_images import SeedImageError, SeedImageLibrary
 from riffusion.spectrogram import SpectrogramError, SpectrogramParams
 
-F = TypeVar("F", bound=Callable[..., Any])
 UNET_BACKENDS = ("eager", "traced", "compiled")
 SEED_RANGE = click.IntRange(0, 2**32 - 1)
 # Errors that come from the user's input or setup: reported as one line, exit code 1.
@@ -52,8 +53,35 @@ USER_ERRORS = (
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-def model_options(command: F) -> F:
-    """Options shared by every generation command."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """The options every generation command shares, given to it as ``settings``."""
+
+    model: str
+    device: str | None
+    unet_backend: str
+    scheduler: str | None
+    steps: int
+    griffin_lim_iters: int
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared options to a command; it receives them as ``settings: ModelSettings``."""
+
+    @functools.wraps(command)
+    def with_settings(
+        *args: Any,
+        model: str,
+        device: str | None,
+        unet_backend: str,
+        scheduler: str | None,
+        steps: int,
+        griffin_lim_iters: int,
+        **kwargs: Any,
+    ) -> Any:
+        settings = ModelSettings(model, device, unet_backend, scheduler, steps, griffin_lim_iters)
+        return command(*args, settings=settings, **kwargs)
+
     decorators = [
         click.option(
             "--model",
@@ -92,37 +120,22 @@ def model_options(command: F) -> F:
             help="Griffin-Lim phase reconstruction iterations (fewer is faster, rougher).",
         ),
     ]
+    decorated: Callable[..., Any] = with_settings
     for decorator in reversed(decorators):
-        command = decorator(command)
-    return command
+        decorated = decorator(decorated)
+    return decorated
 
 
-def reports_errors(command: F) -> F:
-    """Turn input and setup errors into a one-line message and exit code 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except USER_ERRORS as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise click.ClickException(message) from error
-
-    return wrapper  # type: ignore[return-value]
-
-
-def load_pipeline(
-    model: str, device: str | None, unet_backend: str, griffin_lim_iters: int
-) -> RiffusionPipeline:
-    note = prepare_hub_model(model)
+def load_pipeline(settings: ModelSettings) -> RiffusionPipeline:
+    note = prepare_hub_model(settings.model)
     if note is not None:
         stderr.print(note)
-    with stderr.status(f"loading model {model} ..."):
+    with stderr.status(f"loading model {settings.model} ..."):
         pipeline = RiffusionPipeline.load(
-            model,
-            device=device,
-            unet_backend=unet_backend,  # type: ignore[arg-type]
-            spectrogram_params=SpectrogramParams(num_griffin_lim_iters=griffin_lim_iters),
+            settings.model,
+            device=settings.device,
+            unet_backend=settings.unet_backend,  # type: ignore[arg-type]
+            spectrogram_params=SpectrogramParams(num_griffin_lim_iters=settings.griffin_lim_iters),
         )
     described = pipeline.describe()
     tiny = " [bold yellow](TINY test model: output is noise)[/]" if described["is_tiny"] else ""
@@ -272,7 +285,7 @@ mask_image_option = click.option(
     help="Also write the spectrogram image (PNG with EXIF).",
 )
 @model_options
-@reports_errors
+@friendly_errors(*USER_ERRORS)
 def text_to_audio(
     prompt: str,
     output: Path,
@@ -281,21 +294,16 @@ def text_to_audio(
     guidance: float,
     duration: float,
     image_path: Path | None,
-    model: str,
-    device: str | None,
-    unet_backend: str,
-    scheduler: str | None,
-    steps: int,
-    griffin_lim_iters: int,
+    settings: ModelSettings,
 ) -> None:
     """Generate a clip from a text PROMPT (no seed image)."""
     job = GenerationJob(
         start=prompt_input(prompt, seed, negative_prompt, guidance, None),
-        num_inference_steps=steps,
+        num_inference_steps=settings.steps,
         width=width_for_duration(duration),
-        scheduler=SchedulerName(scheduler) if scheduler else None,
+        scheduler=SchedulerName(settings.scheduler) if settings.scheduler else None,
     )
-    pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
+    pipeline = load_pipeline(settings)
     with step_progress("denoising") as update:
         (clip,) = pipeline.run([job], progress=update)
     write_output(clip.audio, output)
@@ -338,7 +346,7 @@ def text_to_audio(
 @batch_size_option
 @mask_image_option
 @model_options
-@reports_errors
+@friendly_errors(*USER_ERRORS)
 def riff(
     input_path: Path,
     output: Path,
@@ -353,12 +361,7 @@ def riff(
     overlap: float,
     batch_size: int,
     mask_image_id: str | None,
-    model: str,
-    device: str | None,
-    unet_backend: str,
-    scheduler: str | None,
-    steps: int,
-    griffin_lim_iters: int,
+    settings: ModelSettings,
 ) -> None:
     """Riff on an audio file of any length: overlapping clips re-imagined, then crossfaded."""
     audio = read_audio(input_path)
@@ -374,15 +377,15 @@ def riff(
         audio,
         start,
         end,
-        num_inference_steps=steps,
+        num_inference_steps=settings.steps,
         clip_duration_s=clip_duration,
         overlap_s=overlap,
         mask_image_id=mask_image_id,
     )
-    jobs = with_scheduler(plan.jobs, scheduler)
+    jobs = with_scheduler(plan.jobs, settings.scheduler)
     stderr.print(f"{input_path}: {audio.duration_s:.2f} s -> {len(jobs)} clips")
     check_image_ids(None, mask_image_id)
-    pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
+    pipeline = load_pipeline(settings)
     clips = run_in_batches(pipeline, jobs, batch_size, "clips")
     riffed = stitch_clips([clip.audio for clip in clips], overlap, plan.clip_num_frames)
     write_output(riffed, output)
@@ -409,7 +412,7 @@ def riff(
     help="Also write each clip's spectrogram image here (clip_000.png, ...).",
 )
 @model_options
-@reports_errors
+@friendly_errors(*USER_ERRORS)
 def interpolate(
     output: Path,
     start_prompt: str,
@@ -425,20 +428,15 @@ def interpolate(
     overlap: float,
     batch_size: int,
     images_dir: Path | None,
-    model: str,
-    device: str | None,
-    unet_backend: str,
-    scheduler: str | None,
-    steps: int,
-    griffin_lim_iters: int,
+    settings: ModelSettings,
 ) -> None:
     """Walk from a start to an end prompt in NUM_CLIPS clips on one seed image, stitched."""
     start = prompt_input(start_prompt, start_seed, negative_prompt, guidance, denoising)
     end = prompt_input(end_prompt, end_seed, negative_prompt, guidance, denoising)
-    jobs = interpolation_jobs(start, end, num_clips, seed_image_id, mask_image_id, steps)
-    jobs = with_scheduler(jobs, scheduler)
+    jobs = interpolation_jobs(start, end, num_clips, seed_image_id, mask_image_id, settings.steps)
+    jobs = with_scheduler(jobs, settings.scheduler)
     check_image_ids(seed_image_id, mask_image_id)
-    pipeline = load_pipeline(model, device, unet_backend, griffin_lim_iters)
+    pipeline = load_pipeline(settings)
     clips = run_in_batches(pipeline, jobs, batch_size, "clips")
     write_output(stitch_clips([clip.audio for clip in clips], overlap), output)
     if images_dir is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import torch
 
+from riffusion.cli.errors import friendly_errors
 from riffusion.cli.hub import prepare_hub_model
 from riffusion.models import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelLoadError, load_components
 from riffusion.unet_backends import TRACED_UNET_DIR, TraceError, trace_unet
@@ -60,22 +61,18 @@ def trace_unet_command(
             f"height and width must be multiples of 8 pixels, got {height}x{width}",
             param_hint="--height/--width",
         )
-    try:
+    with friendly_errors(ModelLoadError):
         note = prepare_hub_model(model)
         if note is not None:
             click.echo(note, err=True)
         components = load_components(
             model, device=device, dtype=DTYPES[dtype] if dtype is not None else None
         )
-    except ModelLoadError as error:
-        raise click.ClickException(str(error)) from error
     click.echo(
         f"tracing the UNet of {components.model_id}"
         f"{' (TINY test model)' if components.is_tiny else ''} on "
         f"{components.device}/{str(components.dtype).removeprefix('torch.')} at {width}x{height}"
     )
-    try:
+    with friendly_errors(TraceError):
         path = trace_unet(components, output, height=height, width=width)
-    except TraceError as error:
-        raise click.ClickException(str(error)) from error
     click.echo(f"saved {path}")
