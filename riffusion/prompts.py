@@ -37,10 +37,14 @@ DEFAULT_MAX_WINDOWS = 3
 MAX_PROMPT_TOKENS = DEFAULT_MAX_WINDOWS * (CLIP_WINDOW_TOKENS - 2)
 
 # CLIP's pre-tokenizer splits text into these pieces before BPE, and BPE gives every
-# piece at least one token: contractions, letter runs, single digits, other runs.
+# piece at least one token: special tokens (one each), contractions, letter runs,
+# single digits, other runs.
 # (Python's letter class also takes numerals such as '²' that CLIP splits off: that
 # only merges pieces, so the count stays a lower bound.)
-_CLIP_PIECE_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+", re.IGNORECASE)
+_CLIP_PIECE_RE = re.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+",
+    re.IGNORECASE,
+)
 
 _TOKEN_RE = re.compile(
     r"""

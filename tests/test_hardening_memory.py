@@ -104,5 +104,7 @@ def test_a_wide_clip_reconstructs_in_a_few_spectra_of_memory() -> None:
         lambda: converter.waveform_from_mel_amplitudes(mel, [torch.Generator().manual_seed(1)])
     )
     # One band-rate complex spectrum of a 20.48 s clip is 98 MB; the magnitudes 49 MB.
-    # Whole-signal transforms peaked at about 925 MB; chunked ones hold ~150 MB + a chunk.
-    assert rise_mb < 260, rise_mb
+    # Whole-signal transforms peaked at about 925 MB; chunked ones hold ~150 MB + a chunk,
+    # measured 245-270 MB as RSS (the rise depends on what earlier tests left in the
+    # allocator), so the bound leaves room for that and still catches a whole-signal buffer.
+    assert rise_mb < 350, rise_mb

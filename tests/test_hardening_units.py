@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from riffusion.prompts import MAX_PROMPT_TOKENS, check_prompt_length, min_clip_tokens
@@ -104,6 +104,8 @@ def tokenizer():  # type: ignore[no-untyped-def]
 
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(max_size=200))
+@example(text="<|startoftext|>")  # one special token, not three pieces of punctuation
+@example(text="a<|endoftext|>b's")
 def test_min_clip_tokens_is_a_lower_bound(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
     from riffusion.prompts import parse_prompt_weights
 
