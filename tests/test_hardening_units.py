@@ -199,3 +199,96 @@ def test_a_job_refused_by_the_check_never_joins_the_batch() -> None:
     assert outcomes[0] == "OK" and outcomes[2] == "FINE"
     assert isinstance(outcomes[1], JobFieldError)
     assert batches == [["ok", "fine"]]  # one batch, without the refused job
+
+
+def test_a_job_failing_at_run_time_fails_alone_and_its_batch_mates_get_results() -> None:
+    from riffusion.schemas import GenerationJob, PromptInput
+    from serving.model_calls import JobFieldError, error_reply, run_isolated
+
+    prompts = ("ok", "boom", "refused", "fine")
+    jobs = [GenerationJob(start=PromptInput(prompt=p, seed=1)) for p in prompts]
+    batches: list[list[str]] = []
+
+    def run(batch: list[GenerationJob]) -> list[str]:
+        # Like a pipeline: one job that fails mid-run takes the whole batch with it.
+        batches.append([job.start.prompt for job in batch])
+        if any(job.start.prompt == "boom" for job in batch):
+            raise RuntimeError("the UNet failed on boom")
+        return [job.start.prompt.upper() for job in batch]
+
+    def check(job: GenerationJob) -> None:
+        if job.start.prompt == "refused":
+            raise JobFieldError("start.prompt", "too long")
+
+    ok, boom, refused, fine = run_isolated(run, jobs, check=check)
+    assert (ok, fine) == ("OK", "FINE")
+    assert isinstance(boom, RuntimeError) and str(boom) == "the UNet failed on boom"
+    assert isinstance(refused, JobFieldError)
+    # The batch failed, so each job ran again alone; the refused one never ran.
+    assert batches == [["ok", "boom", "fine"], ["ok"], ["boom"], ["fine"]]
+    reply = error_reply(boom)
+    assert reply.result is None and reply.error is not None
+    assert reply.error.status == 500 and "UNet" not in reply.error.message  # logged, not echoed
+
+
+def test_a_batch_that_fails_only_together_still_answers_every_job() -> None:
+    from riffusion.schemas import GenerationJob, PromptInput
+    from serving.model_calls import run_isolated
+
+    jobs = [GenerationJob(start=PromptInput(prompt=p, seed=1)) for p in ("a", "b", "c")]
+
+    def run(batch: list[GenerationJob]) -> list[str]:
+        if len(batch) > 1:  # like torch's OutOfMemoryError: too much for a batch, not a clip
+            raise RuntimeError("out of memory")
+        return [batch[0].start.prompt]
+
+    assert run_isolated(run, jobs) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("decision", [True, False])
+def test_api_key_middleware_decides_with_compare_digest(
+    monkeypatch: pytest.MonkeyPatch, decision: bool
+) -> None:
+    """Every key, right, wrong or of another length, is judged by ``hmac.compare_digest``
+    (``!=`` or a length check first would answer a wrong key faster than a nearly right one)."""
+    import types
+
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from serving import http
+
+    calls: list[tuple[bytes, bytes]] = []
+
+    def compare_digest(given: bytes, expected: bytes) -> bool:
+        calls.append((given, expected))
+        return decision
+
+    monkeypatch.setattr(http, "hmac", types.SimpleNamespace(compare_digest=compare_digest))
+    client = TestClient(http.ApiKeyMiddleware(PlainTextResponse("ok"), api_key="right-key"))
+    for token in ("right-key", "wrong-key", "k", "right-key-and-more"):
+        calls.clear()
+        response = client.get("/seed_images", headers={"Authorization": f"Bearer {token}"})
+        assert calls == [(token.encode(), b"right-key")], token
+        assert response.status_code == (200 if decision else 401), token
+
+
+def test_api_key_middleware_refuses_wrong_keys_of_any_length() -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from serving.http import ApiKeyMiddleware
+
+    client = TestClient(ApiKeyMiddleware(PlainTextResponse("ok"), api_key="right-key"))
+    for header, status in (
+        ("Bearer right-key", 200),
+        ("bearer  right-key ", 200),
+        ("Bearer wrong-key", 401),
+        ("Bearer right-ke", 401),
+        ("Bearer right-key-and-more", 401),
+        ("Basic right-key", 401),
+        ("", 401),
+    ):
+        response = client.get("/seed_images", headers={"Authorization": header})
+        assert response.status_code == status, header
+    assert client.get("/readyz").status_code == 200  # probes need no key
