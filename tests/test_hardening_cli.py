@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import riffusion.cli.model_commands  # noqa: F401  (attaches the commands)
 from riffusion.audio import Audio, write_audio
-from riffusion.cli import cli
+from riffusion.cli import cli, model_commands  # model_commands attaches the commands
+
+# The plan line is longer than this: a console that wraps would break it.
+TERMINAL_COLUMNS = 80
 
 
 def test_riff_plan_line_is_not_wrapped_for_a_long_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the missing model fails at once
+    # An 80-column terminal, whatever this environment's COLUMNS: the console reads COLUMNS
+    # when it is created (at import), so its width is pinned as well.
+    monkeypatch.setenv("COLUMNS", str(TERMINAL_COLUMNS))
+    monkeypatch.setattr(model_commands.stderr, "_width", TERMINAL_COLUMNS)
+    assert model_commands.stderr.width == TERMINAL_COLUMNS
     directory = tmp_path / ("d" * 120)
     directory.mkdir()
     source = directory / "in.wav"
@@ -41,6 +48,7 @@ def test_riff_plan_line_is_not_wrapped_for_a_long_path(
         ],
     )
     lines = result.output.splitlines()
+    assert len(str(source)) > TERMINAL_COLUMNS
     assert any(line.startswith(str(source)) and line.endswith("-> 3 clips") for line in lines), (
         result.output
     )
