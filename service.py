@@ -75,6 +75,7 @@ from serving.openapi import document_api
 from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
 from serving.ui import ui_routes
+from serving.worker_temp import use_private_temp_dir
 
 if TYPE_CHECKING:
     from riffusion.pipeline import GeneratedClip
@@ -116,6 +117,7 @@ class RiffusionModel:
         from riffusion.pipeline import RiffusionPipeline
 
         forget_dead_processes()  # a restarted worker must not inherit its predecessor's gauges
+        use_private_temp_dir()  # and removes the temp folders of dead workers
         source = str(self.checkpoint) if SETTINGS.is_hub_model else SETTINGS.model
         self.pipeline = RiffusionPipeline.load(
             source, device=SETTINGS.device, unet_backend=SETTINGS.unet_backend
@@ -293,6 +295,7 @@ class Riffusion:
     def __init__(self) -> None:
         from riffusion.seed_images import SeedImageLibrary
 
+        use_private_temp_dir()  # before the model client makes its temp folder
         self.seed_images = SeedImageLibrary()
         self._model_info: dict[str, Any] | None = None
 

@@ -14,6 +14,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.server import LocalServer
 from riffusion.api_schemas import decode_data_url
+from serving.worker_temp import PREFIX
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -47,7 +49,9 @@ WEB_APP_REQUEST = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "tmp").mkdir()
     env = {
+        "TMPDIR": str(tmp / "tmp"),  # the server's temp folders, checked after a worker kill
         "RIFFUSION_API_KEY": API_KEY,
         "RIFFUSION_MAX_BATCH_SIZE": "8",
         # CPU clips take seconds: a generous deadline so the dispatcher batches, not refuses.
@@ -301,6 +305,8 @@ def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
         and any(str(server.rsplit(":", 1)[1]) in arg for arg in _server_cmdlines(p))
     ]
     assert len(model_workers) == 1, model_workers
+    temp_root = Path(model_workers[0].environ()["TMPDIR"])
+    assert (temp_root / f"{PREFIX}{model_workers[0].pid}").is_dir()
 
     async def long_request() -> httpx.Response:
         async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=600) as client:
@@ -329,6 +335,15 @@ def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
     assert in_progress and all(line.endswith(" 0.0") for line in in_progress), in_progress
     assert _sample(server, "riffusion_clips_in_flight") == 0
     assert _sample(server, "riffusion_engine_running_jobs") == 0
+    # The restarted worker removed the killed one's temp folder (BentoML's client folders
+    # inside it included): the worker folders left belong to running processes, and no
+    # client folder sits outside them (the arbiter's socket folder and torch's kernel
+    # cache may).
+    left = sorted(path.name for path in temp_root.iterdir())
+    assert f"{PREFIX}{model_workers[0].pid}" not in left, left
+    assert not [name for name in left if name.startswith("bentoml-client-")], left
+    workers = [int(name.removeprefix(PREFIX)) for name in left if name.startswith(PREFIX)]
+    assert len(workers) == 2 and all(psutil.pid_exists(pid) for pid in workers), left
 
 
 def _server_cmdlines(worker: psutil.Process) -> list[str]:
