@@ -241,21 +241,18 @@ class ModelClient:
                 # BentoML's client can reuse a pooled connection the model service already
                 # closed (bentoml/BentoML#4971). Jobs are deterministic: one retry is safe.
                 if attempt == 2:
-                    raise _unavailable(f"model service connection failed: {error!r}") from error
+                    logger.warning("model service unreachable after a retry: %r", error)
+                    raise _unavailable(
+                        "the model service is not answering (restarting?); retry shortly"
+                    ) from error
                 logger.warning("model service connection dropped; retrying the clip once")
             except TimeoutError as error:
                 raise ModelCallError(
                     ModelError(status=504, message="the model service timed out")
                 ) from error
             except BentoMLException as error:
-                if error.error_code in (
-                    HTTPStatus.TOO_MANY_REQUESTS,
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    HTTPStatus.GATEWAY_TIMEOUT,
-                ):
-                    raise _unavailable(
-                        "the model service is at capacity or restarting; retry shortly"
-                    ) from error
+                if error.error_code in _UNAVAILABLE_MESSAGES:
+                    raise _unavailable(_UNAVAILABLE_MESSAGES[error.error_code]) from error
                 raise
         raise AssertionError("unreachable")
 
@@ -273,6 +270,14 @@ class ModelClient:
         task = asyncio.get_running_loop().create_task(cancel())
         _PENDING_CANCELS.add(task)
         task.add_done_callback(_PENDING_CANCELS.discard)
+
+
+# What the model service's own refusals mean to the caller (all answered 503 + Retry-After).
+_UNAVAILABLE_MESSAGES = {
+    HTTPStatus.TOO_MANY_REQUESTS: "the model service is at capacity; retry shortly",
+    HTTPStatus.SERVICE_UNAVAILABLE: "the model service is loading or restarting; retry shortly",
+    HTTPStatus.GATEWAY_TIMEOUT: "the model service timed out the clip; retry shortly",
+}
 
 
 def _unavailable(message: str) -> ModelCallError:

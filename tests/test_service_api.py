@@ -441,6 +441,10 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
     results, error = asyncio.run(api._generate_or_error(fake, [job]))
     assert results == [] and error is not None
     assert error.status_code == 503 and error.headers["Retry-After"] == "5"
+    # Says what happened (a crashed worker is not "at capacity") and leaks no internals.
+    message = json.loads(error.body)["error"]
+    expected = "not answering (restarting?)" if failure == "disconnect" else "loading or restarting"
+    assert expected in message and "Error" not in message, message
     # A dropped connection is retried once (jobs are deterministic); a busy answer is not.
     assert len(calls) == (2 if failure == "disconnect" else 1)
     # The real service still answers afterwards.
