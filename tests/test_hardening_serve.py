@@ -2,8 +2,8 @@
 
 Each test names the issue item it guards: bad input of every kind gets a 4xx in one
 error shape naming the field, never a 5xx; one request never harms another; probes
-answer at once; SIGTERM finishes in-flight work and exits in time (last test: it
-stops the server).
+answer at once, from the server's first moments (while the model loads) to its
+last (SIGTERM finishes in-flight work and exits in time; last test: it stops the server).
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,8 +29,10 @@ import numpy as np
 import psutil
 import pytest
 import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 
-from load_tests.server import LocalServer
+from load_tests.server import LocalServer, free_port
+from tests.shared_servers import work_in_flight
 
 API_KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -36,8 +41,198 @@ MAX_CONCURRENCY = 4
 STEPS = 2
 
 
+# ------------------------------------------------- probes on fresh connections (item 4)
+
+PROC_NET_TCP = Path("/proc/net/tcp")
+# A connection the kernel completed that no process has accept()ed yet has no socket inode;
+# its state is SYN_RECV, ESTABLISHED, or CLOSE_WAIT once the client gave up.
+_QUEUED_STATES = frozenset({"03", "01", "08"})
+_LOOPBACK_HEX = f"{int.from_bytes(socket.inet_aton('127.0.0.1'), sys.byteorder):08X}"
+
+
+def in_listen_queue(server_port: int, client_port: int) -> bool:
+    """Whether this loopback connection still waits in the server's listen queue.
+
+    BentoML's supervisor owns the listening socket: while the API worker starts, and
+    once it stops accepting on SIGTERM, connections wait there, held by no worker.
+    """
+    local, remote = f"{_LOOPBACK_HEX}:{server_port:04X}", f"{_LOOPBACK_HEX}:{client_port:04X}"
+    for line in PROC_NET_TCP.read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return fields[3] in _QUEUED_STATES and fields[9] == "0"
+    return False
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """One probe on a fresh connection (as an orchestrator sends them)."""
+
+    path: str
+    sent_at: float  # time.monotonic()
+    # answered; refused (nothing listening); closed (reset or closed unanswered); timeout
+    outcome: str
+    seconds: float  # from sending to the whole answer, or to giving up
+    # At most this long accepted by a worker and unanswered (time in the listen queue
+    # does not count): the time the service itself took.
+    held_s: float
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def ended_at(self) -> float:
+        return self.sent_at + self.seconds
+
+
+def probe(port: int, path: str, timeout_s: float) -> ProbeAnswer:
+    """GET ``path`` on a new connection; while unanswered, watch whether a worker took it."""
+    sent_at = time.monotonic()
+    queued_until = sent_at  # the last moment it was seen waiting in the listen queue
+    seen_accepted = False
+    data = b""
+    outcome = "timeout"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            client_port = sock.getsockname()[1]
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            sock.sendall(request.encode())
+            sock.settimeout(0.05)
+            while time.monotonic() - sent_at < timeout_s:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    if not data and not seen_accepted:
+                        if in_listen_queue(port, client_port):
+                            queued_until = time.monotonic()
+                        else:
+                            seen_accepted = True
+                    continue
+                if not chunk:
+                    outcome = "answered" if data else "closed"
+                    break
+                data += chunk
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except TimeoutError:
+        outcome = "timeout"
+    except OSError:
+        outcome = "closed"
+    ended_at = time.monotonic()
+    answer = ProbeAnswer(path, sent_at, outcome, ended_at - sent_at, ended_at - queued_until)
+    if outcome != "answered":
+        return answer
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return ProbeAnswer(
+        path,
+        sent_at,
+        outcome,
+        answer.seconds,
+        answer.held_s,
+        int(status_line.split()[1]),
+        headers,
+        body,
+    )
+
+
+class ProbePollers:
+    """One thread per path, each probing it on fresh connections until stopped."""
+
+    def __init__(self, port: int, paths: Sequence[str], timeout_s: float) -> None:
+        self.answers: list[ProbeAnswer] = []
+        self._stop = threading.Event()
+        self._timeout_s = timeout_s
+        self._threads = [
+            threading.Thread(target=self._poll, args=(port, path), daemon=True) for path in paths
+        ]
+
+    def _poll(self, port: int, path: str) -> None:
+        while not self._stop.is_set():
+            self.answers.append(probe(port, path, self._timeout_s))
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> ProbePollers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self._timeout_s + 5)
+
+
+def find_model_worker(server_pid: int) -> psutil.Process | None:
+    """The model service's worker process, once the supervisor has started it."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(server_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                command = child.cmdline()
+                if "--service-name" in command and "riffusion_model" in command:
+                    return child
+    return None
+
+
+# Twice the longest a probe may take in the service (PROBE_HELD_MAX_S): one held past
+# that bound shows as held for this long, not as a near miss.
+PROBE_TIMEOUT_S = 2.0
+PROBE_HELD_MAX_S = 1.0
+# 503s the API answers with the model worker held stopped before it lets it load.
+ANSWERS_WHILE_MODEL_STOPPED = 3
+MAX_MODEL_STOP_S = 45.0
+
+
+@dataclass
+class StartUp:
+    """What /readyz answered from the moment ``bentoml serve`` started until it was ready."""
+
+    answers: list[ProbeAnswer] = field(default_factory=list)
+    model_stopped: tuple[float, float] | None = None  # (from, to), time.monotonic()
+
+
+def watch_start_up(local: LocalServer, record: StartUp, done: threading.Event) -> None:
+    """Probe /readyz until the first 200, holding the first model load back a little.
+
+    The model worker is stopped (SIGSTOP) as soon as it appears and continued once the
+    API has answered a few probes: the API is then up before the model, and a readiness
+    check that waited on the model would hang, as it does when the model is slow to load.
+    """
+    model: psutil.Process | None = None
+    stopped_at = 0.0
+    try:
+        while not done.is_set():
+            if local.process is not None and record.model_stopped is None and model is None:
+                model = find_model_worker(local.process.pid)
+                if model is not None:
+                    model.suspend()
+                    stopped_at = time.monotonic()
+            answer = probe(local.port, "/readyz", timeout_s=PROBE_TIMEOUT_S)
+            record.answers.append(answer)
+            if model is not None:
+                since = [a for a in record.answers if a.sent_at > stopped_at]
+                answered = sum(a.status is not None for a in since)
+                if answered >= ANSWERS_WHILE_MODEL_STOPPED or (
+                    time.monotonic() - stopped_at > MAX_MODEL_STOP_S
+                ):
+                    model.resume()
+                    model, record.model_stopped = None, (stopped_at, time.monotonic())
+            if answer.status == 200:
+                return
+            time.sleep(0.1)
+    finally:
+        if model is not None:
+            with contextlib.suppress(psutil.Error):
+                model.resume()
+            record.model_stopped = (stopped_at, time.monotonic())
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, StartUp]]:
     tmp = tmp_path_factory.mktemp("hardening")
     env = {
         "RIFFUSION_API_KEY": API_KEY,
@@ -48,8 +243,27 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
         "BENTOML_HOME": str(tmp / "bentoml"),
         "HF_HUB_OFFLINE": "1",
     }
-    with LocalServer(tmp / "serve.log", "tiny", env, 300) as local:
-        yield local
+    local = LocalServer(tmp / "serve.log", "tiny", env, 300, port=free_port())
+    start_up, done = StartUp(), threading.Event()
+    watcher = threading.Thread(target=watch_start_up, args=(local, start_up, done), daemon=True)
+    watcher.start()  # probing before the server even starts: refused at first
+    try:
+        with local:
+            watcher.join(timeout=30)  # it stops at its first 200, just after wait_ready's
+            yield local, start_up
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(started: tuple[LocalServer, StartUp]) -> LocalServer:
+    return started[0]
+
+
+@pytest.fixture(scope="module")
+def start_up(started: tuple[LocalServer, StartUp]) -> StartUp:
+    return started[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +273,10 @@ def server(served: LocalServer) -> str:
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
     """The error body, checked against the one documented shape."""
-    body = response.json()
+    return error_shaped(response.json())
+
+
+def error_shaped(body: Any) -> dict[str, Any]:
     assert set(body) == {"error", "detail"}, body
     assert isinstance(body["error"], str) and body["error"]
     for item in body["detail"]:
@@ -118,6 +335,34 @@ def test_probes_answer_at_once_in_json(server: str) -> None:
                 timings.append(seconds)
                 assert response.status_code == 200 and response.json() == {"status": "ok"}
             assert fast_enough(float(np.median(timings)), floor), (path, timings, floor)
+
+
+def test_readyz_is_a_fast_503_from_start_up_until_the_model_is_ready(
+    server: str, start_up: StartUp
+) -> None:
+    answers = start_up.answers
+    answered = [answer for answer in answers if answer.outcome == "answered"]
+    statuses = [answer.status for answer in answered]
+    # 503 until the model is ready, then 200: never a 500 (it once was) or anything else.
+    assert statuses and statuses[-1] == 200 and set(statuses[:-1]) == {503}, statuses
+    for answer in answered[:-1]:
+        error_shaped(json.loads(answer.body))
+        assert answer.headers["retry-after"] == "5", answer
+    assert start_up.model_stopped is not None
+    stopped_from, stopped_to = start_up.model_stopped
+    while_stopped = [a for a in answered if stopped_from < a.sent_at and a.ended_at < stopped_to]
+    assert len(while_stopped) >= ANSWERS_WHILE_MODEL_STOPPED, (start_up.model_stopped, answers)
+    # No answer before the socket was bound (refused) or while the API worker started (the
+    # connection waited in the listen queue); once it answered, it answered every probe.
+    first = answers.index(answered[0])
+    assert {answer.outcome for answer in answers[first:]} == {"answered"}, answers[first:]
+    # Never held by the service, even while the model could not answer it.
+    slowest = max(answers, key=lambda answer: answer.held_s)
+    assert slowest.held_s < PROBE_HELD_MAX_S, slowest
+    with httpx.Client(base_url=server, timeout=5) as client:
+        floor = baseline_s(client)
+    median_s = float(np.median([answer.seconds for answer in answered]))
+    assert fast_enough(median_s, floor), (median_s, floor, answered)
 
 
 # ---------------------------------------------------------------- auth and CORS (item 8)
@@ -456,11 +701,9 @@ def test_spec_documents_errors_and_get_routes(server: str) -> None:
 
 def _model_worker(served: LocalServer) -> psutil.Process:
     assert served.process is not None
-    for child in psutil.Process(served.process.pid).children(recursive=True):
-        command = child.cmdline()
-        if "--service-name" in command and "riffusion_model" in command:
-            return child
-    raise AssertionError("no model-service worker found")
+    worker = find_model_worker(served.process.pid)
+    assert worker is not None, "no model-service worker found"
+    return worker
 
 
 def test_readyz_is_fast_503_while_the_model_restarts(served: LocalServer) -> None:
@@ -486,31 +729,88 @@ def test_readyz_is_fast_503_while_the_model_restarts(served: LocalServer) -> Non
     assert after.status_code == 200
 
 
+IN_FLIGHT = 3  # requests sent just before SIGTERM
+
+
+def _jobs_admitted(url: str) -> float:
+    """Jobs the model's engine has taken since it started."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "riffusion_engine_jobs_total" and sample.labels["event"] == "admitted"
+    )
+
+
+def _wait_until_admitted(url: str, count: int, admitted_before: float) -> None:
+    """Until the model's engine has taken ``count`` more jobs."""
+    deadline = time.monotonic() + 60
+    while (admitted := _jobs_admitted(url) - admitted_before) < count:
+        assert time.monotonic() < deadline, f"the model took {admitted} of {count} clips"
+        time.sleep(0.05)
+
+
 def test_sigterm_finishes_in_flight_work_and_exits_in_time(served: LocalServer) -> None:
     assert served.process is not None
-    result: dict[str, Any] = {}
+    model = _model_worker(served)
+    answers: dict[int, tuple[int, float]] = {}
 
-    def generate() -> None:
+    def generate(index: int) -> None:
         response = httpx.post(
             f"{served.url}/text_to_audio",
-            json=clip_body(7, duration_s=2.56, num_inference_steps=6),
+            json=clip_body(70 + index),
             headers=AUTH,
             timeout=120,
         )
-        result["status"], result["answered_at"] = response.status_code, time.monotonic()
+        answers[index] = (response.status_code, time.monotonic())
 
-    worker = threading.Thread(target=generate)
-    worker.start()
-    time.sleep(1.0)
-    signalled_at = time.monotonic()
-    os.kill(served.process.pid, signal.SIGTERM)
-    # A probe during shutdown must not hold it.
-    with contextlib.suppress(httpx.HTTPError):
-        httpx.get(f"{served.url}/readyz", timeout=1)
-    served.process.wait(timeout=120)
-    exited_at = time.monotonic()
-    worker.join(timeout=60)
-    assert result.get("status") == 200, result
-    # Kubernetes' grace period is 60 s; the in-flight clip's own time comes first.
-    assert exited_at - result["answered_at"] < 30, (result, exited_at - signalled_at)
-    assert exited_at - signalled_at < 60
+    admitted_before = _jobs_admitted(served.url)
+    clients = [threading.Thread(target=generate, args=(i,)) for i in range(IN_FLIGHT)]
+    for client in clients:
+        client.start()
+    _wait_until_admitted(served.url, IN_FLIGHT, admitted_before)
+    # Stopped, the model finishes no clip, and a readiness check of it would hang.
+    model.suspend()
+    try:
+        with ProbePollers(
+            served.port, ["/readyz", "/readyz", "/livez", "/livez"], PROBE_TIMEOUT_S
+        ) as polls:
+            time.sleep(1.5)
+            in_flight = work_in_flight(served.url).get("riffusion_clips_in_flight", 0)
+            answered_early = dict(answers)
+            signalled_at = time.monotonic()
+            os.kill(served.process.pid, signal.SIGTERM)
+            time.sleep(3.0)  # probes during shutdown, with the model still stopped
+            model.resume()
+            served.process.wait(timeout=120)
+            exited_at = time.monotonic()
+    finally:
+        with contextlib.suppress(psutil.Error):
+            model.resume()
+    for client in clients:
+        client.join(timeout=60)
+
+    # More than one request in flight at SIGTERM (a cheap clip may finish before the stop).
+    assert in_flight >= 2 and len(answered_early) == IN_FLIGHT - in_flight, answered_early
+    assert sorted(status for status, _ in answers.values()) == [200] * IN_FLIGHT, answers
+    last_answered_at = max(answered_at for _, answered_at in answers.values())
+    # Kubernetes' grace period is 60 s; the in-flight clips' own time comes first.
+    timings = {
+        "after_answer": exited_at - last_answered_at,
+        "after_sigterm": exited_at - signalled_at,
+    }
+    assert timings["after_answer"] < 30 and timings["after_sigterm"] < 60, timings
+
+    probes = polls.answers
+    answered = [answer for answer in probes if answer.outcome == "answered"]
+    assert {answer.status for answer in answered} <= {200, 503}, answered
+    # With the model stopped, both probes answered (from the last known state)...
+    before = {answer.path for answer in answered if answer.ended_at < signalled_at}
+    assert before == {"/readyz", "/livez"}, probes
+    # ...and kept being sent through the shutdown, until the process was gone.
+    assert any(answer.sent_at > signalled_at + 3.0 for answer in probes), probes
+    # None was held by the service: each was answered at once, refused, reset, or left in
+    # the supervisor's listen queue (the API worker stops accepting on SIGTERM).
+    slowest = max(probes, key=lambda answer: answer.held_s)
+    assert slowest.held_s < PROBE_HELD_MAX_S, slowest
