@@ -97,7 +97,8 @@ class RunInferenceRequest(BaseModel):
     )
     mask_image_id: str | None = Field(
         default=None,
-        pattern=ID_PATTERN,
+        # An id, or "" (turned into None below): the spec must admit what is accepted.
+        pattern=ID_PATTERN.replace("^", "^(?:").replace("$", ")?$"),
         description="Optional mask: white regions are repainted, black regions kept; "
         'null or "" means no mask.',
     )

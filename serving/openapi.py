@@ -85,6 +85,8 @@ def _mark_nullable(node: Any) -> None:
             for prop in properties.values():
                 if isinstance(prop, dict) and "default" in prop and prop["default"] is None:
                     prop["nullable"] = True
+                    if "enum" in prop and None not in prop["enum"]:  # OpenAPI 3.0.3: null listed
+                        prop["enum"] = [*prop["enum"], None]
         for value in node.values():
             _mark_nullable(value)
     elif isinstance(node, list):

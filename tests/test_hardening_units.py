@@ -130,6 +130,7 @@ def test_spec_marks_null_defaults_nullable() -> None:
         "type": "object",
         "properties": {
             "mask_image_id": {"type": "string", "default": None},
+            "kind": {"type": "string", "enum": ["seed", "mask"], "default": None},
             "n": {"type": "integer"},
         },
     }
@@ -143,6 +144,19 @@ def test_spec_marks_null_defaults_nullable() -> None:
     properties = schema["schema"]["properties"]
     assert properties["mask_image_id"]["nullable"] is True
     assert "nullable" not in properties["n"]
+    # An enum must list null itself (OpenAPI 3.0.3), or null reads as invalid.
+    assert properties["kind"]["nullable"] is True and properties["kind"]["enum"][-1] is None
+
+
+def test_run_inference_spec_admits_the_empty_mask_it_accepts() -> None:
+    import re
+
+    from riffusion.api_schemas import RunInferenceRequest
+
+    pattern = RunInferenceRequest.model_json_schema()["properties"]["mask_image_id"]["anyOf"][0]
+    assert re.match(pattern["pattern"], "") and re.match(pattern["pattern"], "mask_top_third_75")
+    assert not re.match(pattern["pattern"], "../etc")
+    assert RunInferenceRequest.model_validate({"start": {"prompt": "x"}, "mask_image_id": ""})
 
 
 def test_model_service_names_the_prompt_its_tokenizer_cannot_fit(tokenizer) -> None:  # type: ignore[no-untyped-def]
