@@ -162,10 +162,10 @@ def test_same_job_twice_is_deterministic_and_joining_at_step_zero_changes_nothin
         again, once_more = (engine.submit(a).future.result(timeout=60) for _ in range(2))
     finally:
         engine.stop()
-    # Alone twice: bit-identical. Decoded beside b: the same within the batch tolerance.
+    # Alone twice: bit-identical. Beside b: the same within the batch tolerance (a batch
+    # of two may take other CPU kernels than one, so the last bits can differ by machine).
     assert torch.equal(again.latents, once_more.latents)
     assert np.array_equal(again.audio.samples, once_more.audio.samples)
-    assert torch.equal(clip_a.latents, again.latents)
     assert_close(clip_a, again)
     [alone_b] = pipeline.run([b])
     assert_close(clip_b, alone_b)
