@@ -114,6 +114,18 @@ class SharedServers:
             self.stop(name)
 
 
+def metric_total(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of a metric's samples on ``url``'s /metrics whose labels include ``labels``."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+        and all(sample.labels.get(key) == value for key, value in (labels or {}).items())
+    )
+
+
 def work_in_flight(url: str) -> dict[str, float]:
     """The BUSY_GAUGES that are not zero on the instance at ``url``."""
     text = httpx.get(f"{url}/metrics", timeout=10).text

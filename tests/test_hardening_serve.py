@@ -29,10 +29,9 @@ import numpy as np
 import psutil
 import pytest
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.server import LocalServer, free_port
-from tests.shared_servers import work_in_flight
+from tests.shared_servers import metric_total, work_in_flight
 
 API_KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -734,13 +733,7 @@ IN_FLIGHT = 3  # requests sent just before SIGTERM
 
 def _jobs_admitted(url: str) -> float:
     """Jobs the model's engine has taken since it started."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "riffusion_engine_jobs_total" and sample.labels["event"] == "admitted"
-    )
+    return metric_total(url, "riffusion_engine_jobs_total", {"event": "admitted"})
 
 
 def _wait_until_admitted(url: str, count: int, admitted_before: float) -> None:

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from load_tests.server import LocalServer
 from riffusion.api_schemas import decode_data_url
 from serving.worker_temp import PREFIX
+from tests.shared_servers import metric_total
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -213,19 +214,6 @@ def test_custom_metrics_on_public_port(server: str) -> None:
 # --- the engine over HTTP: deadlines, disconnects, a killed model worker ----------------------
 
 
-def _sample(base_url: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """Sum of a metric's samples whose labels include ``labels`` (0 when absent)."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(
-                sample.labels.get(k) == v for k, v in (labels or {}).items()
-            ):
-                total += sample.value
-    return total
-
-
 def _wait_for(predicate: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -258,11 +246,11 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_retry_after(serve
     assert time.monotonic() - began < 5
     assert int(response.headers["Retry-After"]) >= 1
     assert "cannot finish within" in response.json()["error"]
-    assert _sample(server, "riffusion_engine_jobs_total", {"event": "refused"}) >= 1
+    assert metric_total(server, "riffusion_engine_jobs_total", {"event": "refused"}) >= 1
 
 
 def test_a_client_that_disconnects_stops_its_clip_within_a_step(server: str) -> None:
-    cancelled_before = _sample(server, "riffusion_engine_jobs_total", {"event": "cancelled"})
+    cancelled_before = metric_total(server, "riffusion_engine_jobs_total", {"event": "cancelled"})
     body = json.dumps(LONG_CLIP).encode()
     request = (
         f"POST /text_to_audio HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -278,21 +266,23 @@ def test_a_client_that_disconnects_stops_its_clip_within_a_step(server: str) -> 
             with contextlib.suppress(BlockingIOError):
                 answer = client.recv(4096)
                 raise AssertionError(f"answered before it could be abandoned: {answer[:300]!r}")
-            return _sample(server, "riffusion_engine_running_jobs") >= 1
+            return metric_total(server, "riffusion_engine_running_jobs") >= 1
 
         _wait_for(running, 60, "the clip to run")
         # The client goes away (as the web app's proxy does after 60 s).
     _wait_for(
         lambda: (
-            _sample(server, "riffusion_engine_jobs_total", {"event": "cancelled"})
+            metric_total(server, "riffusion_engine_jobs_total", {"event": "cancelled"})
             > cancelled_before
         ),
         30,
         "the engine to cancel the abandoned clip",
     )
-    _wait_for(lambda: _sample(server, "riffusion_clips_in_flight") == 0, 10, "no clip in flight")
+    _wait_for(
+        lambda: metric_total(server, "riffusion_clips_in_flight") == 0, 10, "no clip in flight"
+    )
     # It stopped far short of its 150 steps (300 UNet samples).
-    abandoned = _sample(server, "riffusion_unet_samples_total", {"outcome": "cancelled"})
+    abandoned = metric_total(server, "riffusion_unet_samples_total", {"outcome": "cancelled"})
     assert 0 < abandoned < 300
 
 
@@ -314,7 +304,7 @@ def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
 
     async def kill_mid_clip() -> httpx.Response:
         task = asyncio.create_task(long_request())
-        while _sample(server, "riffusion_engine_running_jobs") < 1:
+        while metric_total(server, "riffusion_engine_running_jobs") < 1:
             await asyncio.sleep(0.1)
         model_workers[0].kill()
         return await task
@@ -333,8 +323,8 @@ def test_metrics_recover_after_the_model_worker_is_killed(server: str) -> None:
         if line.startswith("bentoml_service_request_in_progress{") and "riffusion_model" in line
     ]
     assert in_progress and all(line.endswith(" 0.0") for line in in_progress), in_progress
-    assert _sample(server, "riffusion_clips_in_flight") == 0
-    assert _sample(server, "riffusion_engine_running_jobs") == 0
+    assert metric_total(server, "riffusion_clips_in_flight") == 0
+    assert metric_total(server, "riffusion_engine_running_jobs") == 0
     # The restarted worker removed the killed one's temp folder (BentoML's client folders
     # inside it included): the worker folders left belong to running processes, and no
     # client folder sits outside them (the arbiter's socket folder and torch's kernel
