@@ -30,6 +30,7 @@ from riffusion.schemas import (
     PromptText,
     SchedulerName,
 )
+from riffusion.seed_images import ID_OR_EMPTY_PATTERN
 
 AudioFormat = Literal["mp3", "wav", "flac", "ogg"]
 AUDIO_MEDIA_TYPES: dict[str, str] = {
@@ -97,8 +98,8 @@ class RunInferenceRequest(BaseModel):
     )
     mask_image_id: str | None = Field(
         default=None,
-        # An id, or "" (turned into None below): the spec must admit what is accepted.
-        pattern=ID_PATTERN.replace("^", "^(?:").replace("$", ")?$"),
+        # "" is turned into None below; the spec must admit what is accepted.
+        pattern=ID_OR_EMPTY_PATTERN,
         description="Optional mask: white regions are repainted, black regions kept; "
         'null or "" means no mask.',
     )

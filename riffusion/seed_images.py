@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 ImageKind = Literal["seed", "mask"]
 KINDS: tuple[ImageKind, ...] = ("seed", "mask")
 MANIFEST_NAME = "manifest.json"
-ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
+_ID = r"[a-z0-9_-]{1,64}"
+ID_PATTERN = rf"^{_ID}$"
+ID_OR_EMPTY_PATTERN = rf"^(?:{_ID})?$"  # also "": the web app's "no mask"
 _ID_RE = re.compile(ID_PATTERN)
-_FILE_RE = re.compile(r"^[a-z0-9_-]{1,64}\.png$")
+_FILE_RE = re.compile(rf"^{_ID}\.png$")
 
 
 def is_valid_image_id(image_id: str) -> bool:
