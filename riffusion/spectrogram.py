@@ -55,8 +55,10 @@ BAND_RATE_HEADROOM = 1.5
 
 
 # Frames per chunk of the Griffin-Lim loop are chosen so one chunk's real FFT input
-# is about this size (its other buffers are a few times that).
-GRIFFIN_LIM_CHUNK_BYTES = 8 * 2**20
+# is about this size (its other buffers are a few times that). On a CPU 2 MB chunks
+# ran a 20.48 s clip ~15 % faster than 8 MB ones (they stay in cache) and as fast at
+# 5.12 s; a GPU takes far larger chunks (fewer kernel launches).
+GRIFFIN_LIM_CHUNK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 # The initial phase is drawn in pieces of about this many complex numbers.
 PHASE_PIECE = 1 << 18
 
@@ -256,20 +258,16 @@ class _StftGrid:
         half = self.n_fft // 2
         return torch.nn.functional.pad(waveform[:, None], (half, half), mode="reflect")[:, 0]
 
-    def frame_buffer(self, batch: int, count: int, device: torch.device) -> Tensor:
-        """Zeros (batch, count, n_fft) for ``analyse``: it writes only the window's part."""
-        return torch.zeros(batch, count, self.n_fft, device=device)
-
-    def analyse(self, padded: Tensor, first: int, count: int, buffer: Tensor) -> Tensor:
+    def analyse(self, padded: Tensor, first: int, count: int, frames: Tensor) -> Tensor:
         """Complex (batch, count, n_stft): frames ``first..first + count - 1`` of the STFT of
         the signal ``padded`` came from; the rows torch.stft computes (same windowed frames,
-        same FFT), a chunk at a time. ``buffer`` is a ``frame_buffer`` of at least ``count``
-        frames, reused from chunk to chunk."""
+        same FFT), a chunk at a time. ``frames`` is a zeroed (batch, >= count, n_fft) buffer
+        reused from chunk to chunk: only each frame's window part is written."""
         offset = self.frame_offset
         start = first * self.hop_length + offset
         length = (count - 1) * self.hop_length + self.win_length
         segments = padded[:, start : start + length].unfold(-1, self.win_length, self.hop_length)
-        frames = buffer[:, :count]
+        frames = frames[:, :count]
         torch.mul(segments, self.window, out=frames[..., offset : offset + self.win_length])
         return torch.fft.rfft(frames)
 
@@ -300,36 +298,75 @@ class _StftGrid:
 
 
 class OverlapAdd:
-    """The overlap-add of an inverse STFT, fed a chunk of frames at a time.
+    """The overlap-add of an inverse STFT, fed a chunk of frames at a time, last chunk first.
 
-    Only the window's part of each frame is kept (a quarter of an ``n_fft`` frame)
-    and summed by one torch.nn.functional.fold: the same bits as torch.istft's
-    overlap-add.
+    Each frame's window part is added a hop at a time straight into the signal, so
+    no frame is kept. torch.istft's overlap-add (``fold``) sums each sample's
+    frames in order of the sample's offset inside them, the latest frame first;
+    hop by hop, with chunks fed from the last to the first, keeps that order, so
+    the sum is the same bits as one fold over all frames.
     """
 
     def __init__(self, grid: _StftGrid, batch: int, num_frames: int, device: torch.device):
         self.grid = grid
-        self.frames = torch.empty(batch, num_frames, grid.win_length, device=device)
+        self.num_frames = num_frames
+        self.hops_per_window = math.ceil(grid.win_length / grid.hop_length)
+        blocks = num_frames + self.hops_per_window - 1
+        self.summed = torch.zeros(batch, blocks * grid.hop_length, device=device)
+        self._next_last = num_frames  # chunks must come last first
 
     def add(self, frames: Tensor, first: int) -> None:
-        """Windowed frames ``first..first + count - 1``, (batch, count, win_length)."""
-        self.frames[:, first : first + frames.shape[-2]] = frames
+        """Windowed frames ``first..first + count - 1``, (batch, count, win_length), where
+        ``first + count`` is the first frame of the chunk added before (or all frames)."""
+        count, hop = frames.shape[-2], self.grid.hop_length
+        if first + count != self._next_last:
+            raise ValueError(f"frames {first}..{first + count - 1} out of order")
+        self._next_last = first
+        blocks = self.summed.view(self.summed.shape[0], -1, hop)  # (batch, blocks, hop)
+        for shift in range(self.hops_per_window):
+            part = frames[..., shift * hop : (shift + 1) * hop]
+            blocks[:, first + shift : first + shift + count, : part.shape[-1]] += part
 
     def signal(self, envelope: Tensor | None) -> Tensor:
         """(batch, (frames - 1) * hop): the centred signal, divided by ``envelope`` if given."""
         grid = self.grid
-        batch, num_frames, _ = self.frames.shape
-        total = grid.win_length + grid.hop_length * (num_frames - 1)
-        summed = torch.nn.functional.fold(
-            self.frames.transpose(-1, -2),
-            output_size=(1, total),
-            kernel_size=(1, grid.win_length),
-            stride=(1, grid.hop_length),
-        ).reshape(batch, total)
         # center=True: the signal starts n_fft // 2 into the padded frame grid.
         start = grid.n_fft // 2 - grid.frame_offset
-        signal = summed[:, start : start + (num_frames - 1) * grid.hop_length]
+        signal = self.summed[:, start : start + (self.num_frames - 1) * grid.hop_length]
         return signal if envelope is None else signal / envelope
+
+
+class _ChunkBuffers:
+    """The Griffin-Lim loop's work buffers, sized for its largest chunk of frames and
+    reused by every chunk and iteration: a loop that allocates them afresh for each
+    chunk leaves the heap fragmented, tens of MB above what it holds
+    (docs/benchmarks.md, "Hardening: memory per request")."""
+
+    def __init__(self, grid: _StftGrid, batch: int, chunk: int, bins: int, device: torch.device):
+        self.batch, self.bins, self.n_stft = batch, bins, grid.n_stft
+        # The STFT's input frames; zeros outside each frame's window part (see ``analyse``).
+        self.frames = torch.zeros(batch, chunk, grid.n_fft, device=device)
+        # The next spectrum, for the inverse FFT; only its lowest ``bins`` bins are written.
+        self._spectrum = torch.zeros(batch * chunk * grid.n_stft, 2, device=device)
+        self._scale = torch.empty(batch * chunk * bins, device=device)
+
+    def spectrum(self, count: int) -> tuple[Tensor, Tensor]:
+        """Complex (batch, count, n_stft) and a real (batch, count, bins, 2) view of its
+        lowest bins, where the update is written."""
+        size = self.batch * count * self.n_stft
+        spectrum = self._spectrum[:size].view(self.batch, count, self.n_stft, 2)
+        return torch.view_as_complex(spectrum), spectrum[:, :, : self.bins]
+
+    def scale(self, count: int) -> Tensor:
+        """Real (batch, count, bins): the phase update's per-bin scale."""
+        return self._scale[: self.batch * count * self.bins].view(self.batch, count, self.bins)
+
+
+def _occupied_bins(values: Tensor, dim: int) -> int:
+    """How many of the lowest bins (indices along ``dim``) hold every non-zero value (>= 1)."""
+    others = tuple(d for d in range(values.ndim) if d != dim % values.ndim)
+    occupied = values.ne(0).any(dim=others).nonzero()
+    return int(occupied[-1]) + 1 if len(occupied) else 1
 
 
 def _band_rate(params: SpectrogramParams) -> int | None:
@@ -402,10 +439,12 @@ class SpectrogramConverter:
             if rate
             else None
         )
-        # The inverse mel's rows above the band are exactly zero (the mel scale stops
-        # below it), so mel input can go straight to the band grid.
-        self._inverse_mel_in_band = self.band_grid is not None and not bool(
-            self.inverse_mel_matrix[self.band_grid.n_stft :].any()
+        # The inverse mel's rows above the mel band's top bin are exactly zero (the mel
+        # scale stops there), so mel input goes straight to the band grid, and
+        # Griffin-Lim keeps only the bins up to that top one (see ``_griffin_lim_on``).
+        self._mel_bins = _occupied_bins(self.inverse_mel_matrix, dim=0)
+        self._inverse_mel_in_band = (
+            self.band_grid is not None and self._mel_bins <= self.band_grid.n_stft
         )
 
     @property
@@ -470,7 +509,8 @@ class SpectrogramConverter:
         grid = self.band_grid if self._inverse_mel_in_band else self.grid
         assert grid is not None
         # (batch, frames, n_mels) @ (n_mels, bins): the frames-major layout, one buffer.
-        magnitudes = torch.matmul(mel.transpose(-1, -2), self.inverse_mel_matrix[: grid.n_stft].T)
+        bins = min(self._mel_bins, grid.n_stft)
+        magnitudes = torch.matmul(mel.transpose(-1, -2), self.inverse_mel_matrix[:bins].T)
         magnitudes.clamp_(min=0)
         if grid is not self.grid:
             magnitudes.mul_(grid.win_length / self.grid.win_length)
@@ -509,12 +549,14 @@ class SpectrogramConverter:
             )
         grid = self.grid
         band = self.band_grid
-        if band is not None and not bool(magnitudes[:, band.n_stft :].any()):
+        bins = _occupied_bins(magnitudes, dim=1)
+        magnitudes = magnitudes[:, :bins]
+        if band is not None and bins <= band.n_stft:
             grid = band
             # Same bins (and the same initial phase on them); a window of
             # fewer samples sums to proportionally less.
-            magnitudes = magnitudes[:, : band.n_stft] * (band.win_length / self.grid.win_length)
-        magnitudes = magnitudes.transpose(-1, -2).contiguous()  # (batch, frames, n_stft)
+            magnitudes = magnitudes * (band.win_length / self.grid.win_length)
+        magnitudes = magnitudes.transpose(-1, -2).contiguous()  # (batch, frames, bins)
         waveform = self._griffin_lim_on(grid, magnitudes, leading, generator)
         return self._to_format_rate(grid, waveform).reshape(*leading, -1)
 
@@ -532,72 +574,86 @@ class SpectrogramConverter:
         leading: torch.Size,
         generator: PhaseGenerator,
     ) -> Tensor:
-        """The momentum iteration on one grid: (batch, frames, n_stft) -> (batch, samples).
+        """The momentum iteration on one grid: (batch, frames, bins) -> (batch, samples).
+
+        ``magnitudes`` holds the grid's lowest ``bins`` bins; the bins above are zero.
+        A zero magnitude zeroes its bin of every iteration's spectrum whatever the
+        phase, so those bins are neither stored nor updated: the inverse FFT pads
+        them with zeros (for mel input, the third of the band grid above the mel
+        scale's top).
 
         Memory: the loop works a chunk of frames at a time, fusing each iteration's
         STFT, phase update, inverse FFT and overlap-add, so besides the magnitudes it
-        holds one complex spectrum (the previous STFT, for the momentum; the initial
-        phase before that), the windowed frames the overlap-add sums (a quarter of a
-        spectrum) and one chunk's FFT buffers: about 3.5x the magnitudes in all, where
-        whole-signal transforms held about 12x. The result is the same
-        bits as the whole-signal loop (docs/benchmarks.md, "Hardening: memory per
-        request").
+        holds one complex spectrum of ``bins`` (the previous STFT, for the momentum;
+        the initial phase before that), the signal and one chunk's buffers, where
+        whole-signal transforms held about a dozen full-rate spectra. The result is
+        the same bits as the whole-signal loop (docs/benchmarks.md, "Hardening:
+        memory per request").
         """
         p = self.params
         batch, num_frames, bins = magnitudes.shape
         envelope = grid.window_envelope(num_frames)
         momentum = p.griffin_lim_momentum / (1 + p.griffin_lim_momentum)
         chunk = self._chunk_frames(batch, grid)
-        chunks = [(first, min(chunk, num_frames - first)) for first in range(0, num_frames, chunk)]
-        buffer = grid.frame_buffer(batch, chunk, magnitudes.device)
-        # The previous iteration's STFT as a (..., 2) real view; first the initial phase.
+        # Last chunk first: the order ``OverlapAdd`` sums in.
+        chunks = [
+            (first, min(chunk, num_frames - first))
+            for first in reversed(range(0, num_frames, chunk))
+        ]
+        work = _ChunkBuffers(grid, batch, chunk, bins, magnitudes.device)
+
+        # 1. The initial phase, kept as the "previous" spectrum (a (..., 2) real view).
         previous = torch.empty(batch, num_frames, bins, 2, device=magnitudes.device)
-        self._draw_initial_phase(torch.view_as_complex(previous), grid, leading, generator)
+        self._draw_initial_phase(torch.view_as_complex(previous), leading, generator)
         summed = grid.overlap_add(batch, num_frames)
         for first, count in chunks:
             part = slice(first, first + count)
-            spectrum = magnitudes[:, part] * torch.view_as_complex(previous[:, part])
+            spectrum, update = work.spectrum(count)
+            torch.mul(previous[:, part], magnitudes[:, part, :, None], out=update)
             summed.add(grid.synthesise(spectrum), first)
-            del spectrum
         waveform = summed.signal(envelope)
+
+        # 2. Each iteration: the waveform's STFT, the momentum phase update, the inverse.
         for iteration in range(p.num_griffin_lim_iters):
             padded = grid.pad(waveform)
+            summed = grid.overlap_add(batch, num_frames)
             for first, count in chunks:
                 part = slice(first, first + count)
-                rebuilt = torch.view_as_real(grid.analyse(padded, first, count, buffer))
+                stft = grid.analyse(padded, first, count, work.frames)
+                rebuilt = torch.view_as_real(stft[..., :bins])
+                spectrum, update = work.spectrum(count)
                 # angles = rebuilt - momentum * previous (zero before the first STFT),
                 # normalised to unit modulus and scaled by the target magnitude, all
                 # in place on the (..., 2) real view.
                 if iteration == 0:
-                    update = rebuilt.clone()
+                    update.copy_(rebuilt)
                 else:
-                    update = rebuilt.sub(previous[:, part], alpha=momentum)
+                    torch.sub(rebuilt, previous[:, part], alpha=momentum, out=update)
                 previous[:, part] = rebuilt
-                del rebuilt
-                scale = torch.view_as_complex(update).abs().add_(1e-16)
+                del stft, rebuilt
+                scale = work.scale(count)
+                torch.abs(torch.view_as_complex(update), out=scale).add_(1e-16)
                 torch.div(magnitudes[:, part], scale, out=scale)
-                spectrum = torch.view_as_complex(update.mul_(scale.unsqueeze(-1)))
-                del scale, update
+                update.mul_(scale.unsqueeze(-1))
                 summed.add(grid.synthesise(spectrum), first)
-                del spectrum
             waveform = summed.signal(envelope)
         return waveform
 
     def _chunk_frames(self, batch: int, grid: _StftGrid) -> int:
         """Frames per chunk of the Griffin-Lim loop: one chunk's real FFT input is about
-        ``GRIFFIN_LIM_CHUNK_BYTES`` (a GPU takes far larger chunks: fewer kernel launches)."""
-        budget = GRIFFIN_LIM_CHUNK_BYTES * (32 if self.device.type == "cuda" else 1)
+        ``GRIFFIN_LIM_CHUNK_BYTES`` for the device."""
+        budget = GRIFFIN_LIM_CHUNK_BYTES.get(self.device.type, GRIFFIN_LIM_CHUNK_BYTES["cpu"])
         return max(1, budget // (4 * batch * grid.n_fft))
 
     def _draw_initial_phase(
-        self, out: Tensor, grid: _StftGrid, leading: torch.Size, generator: PhaseGenerator
+        self, out: Tensor, leading: torch.Size, generator: PhaseGenerator
     ) -> None:
-        """Fill complex ``out`` (batch, frames, grid.n_stft) with torchaudio's rand_init draw
-        for the full-rate (..., n_stft, frames) shape, restricted to the grid's bins.
+        """Fill complex ``out`` (batch, frames, bins) with torchaudio's rand_init draw
+        for the full-rate (..., n_stft, frames) shape, restricted to its lowest bins.
 
         A generator yields the same numbers drawn in pieces as at once, so each channel's
         block is drawn a few rows at a time (transposed into ``out``), and the rows above
-        the grid's bins are drawn and dropped, leaving the generator where the full draw
+        ``bins`` are drawn and dropped, leaving the generator where the full draw
         would: the same phase as one full draw, without its memory.
         """
         if generator is None or isinstance(generator, torch.Generator):
@@ -611,17 +667,17 @@ class SpectrogramConverter:
                     "give one per item of the first dimension"
                 )
             per_generator = math.prod(leading[1:])
-        num_frames = out.shape[-2]
+        num_frames, bins = out.shape[-2:]
         rows = max(1, PHASE_PIECE // num_frames)
-        skipped = (self.grid.n_stft - grid.n_stft) * num_frames
+        skipped = (self.grid.n_stft - bins) * num_frames
         item = 0
         for item_generator in generators:
             # Drawn on the generator's own device, so a CPU generator works with CUDA.
             device = item_generator.device if item_generator is not None else self.device
             for _ in range(per_generator):
-                for row in range(0, grid.n_stft, rows):
+                for row in range(0, bins, rows):
                     piece = torch.rand(
-                        (min(rows, grid.n_stft - row), num_frames),
+                        (min(rows, bins - row), num_frames),
                         generator=item_generator,
                         device=device,
                         dtype=torch.complex64,
