@@ -157,6 +157,11 @@ class RiffusionPipeline:
         self.spectrogram_params = spectrogram_params or SpectrogramParams()
         self.seed_latent_cache: LRUCache[tuple[str, int], Tensor] = LRUCache(seed_latent_cache_size)
         vae = components.vae
+        if self.device.type == "cpu":
+            # oneDNN convolves channels-last tensors without reordering them to and from
+            # its blocked layout: a 2048 px decode takes ~30 % less time and ~50 MB less
+            # memory (docs/benchmarks.md, "Hardening: memory per request").
+            vae.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         self.vae_scaling = float(vae.config["scaling_factor"])
 
@@ -374,7 +379,10 @@ class RiffusionPipeline:
     def decode_pixels(self, latents: Tensor) -> Tensor:
         """(B, 4, h, w) latents -> uint8 (B, 3, H, W) spectrogram pixels, one VAE call."""
         vae = self.components.vae
-        decoded = vae.decode(latents.to(self.device, vae.dtype) / self.vae_scaling).sample
+        latents = latents.to(self.device, vae.dtype) / self.vae_scaling
+        if self.device.type == "cpu":
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        decoded = vae.decode(latents).sample
         return model_output_to_pixels(decoded)
 
     def griffin_lim(
@@ -415,28 +423,35 @@ class RiffusionPipeline:
         """Decode finished jobs of one latent shape and turn them into audio.
 
         On a GPU the group goes through one VAE call and one batched Griffin-Lim. On a
-        CPU its clips go one at a time, each released (and the freed heap returned to
-        the OS) before the next: a batch's VAE activations and Griffin-Lim buffers at
-        once grew the worker by hundreds of MB per batch (docs/benchmarks.md, "Hardening:
-        memory per request"), and batching them saves no CPU time (Griffin-Lim already
-        runs item by item there). Timings cover the job's own stages; the caller adds
-        ``total`` (it knows when the job began).
+        CPU its clips go one at a time, and the freed heap goes back to the OS before
+        each stage and after each clip: a batch's VAE activations and Griffin-Lim
+        buffers at once grew the worker by hundreds of MB per batch, and what one
+        stage freed stayed resident under the next one's peak (docs/benchmarks.md,
+        "Hardening: memory per request"). Batching them saves no CPU time (Griffin-Lim
+        already runs item by item there). Timings cover the job's own stages; the
+        caller adds ``total`` (it knows when the job began).
         """
         if self.device.type == "cuda":
             return self._finish_together(group)
         clips: list[GeneratedClip] = []
         for state in group:
-            clips += self._finish_together([state])
+            clips += self._finish_together([state], trim_heap=True)
             release_freed_memory()
         return clips
 
-    def _finish_together(self, group: Sequence[JobState]) -> list[GeneratedClip]:
+    def _finish_together(
+        self, group: Sequence[JobState], *, trim_heap: bool = False
+    ) -> list[GeneratedClip]:
         """``finish`` for ``group`` in one VAE call and one Griffin-Lim call."""
         params = self.spectrogram_params
         latents = torch.cat([state.latents for state in group])  # (B, 4, h, w)
+        if trim_heap:
+            release_freed_memory()
         decode_began = time.perf_counter()
         pixels = self.decode_pixels(latents)  # (B, 3, H, W) uint8
         decode_s = time.perf_counter() - decode_began
+        if trim_heap:
+            release_freed_memory()
 
         griffin_lim_began = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s.job.start.seed) for s in group]

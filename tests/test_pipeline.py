@@ -311,3 +311,23 @@ def test_init_image_png_is_a_seed_image(
     png = (library.directory / "narrow_beat.png").read_bytes()
     by_id, by_png = pipeline.run([img2img(), img2img(seed_image_id=None, init_image_png=png)])
     assert torch.equal(by_id.latents, by_png.latents)
+
+
+def test_cpu_vae_decode_in_channels_last_matches_the_plain_layout(
+    pipeline: RiffusionPipeline,
+) -> None:
+    """On a CPU the VAE runs channels-last (less memory, faster); the pixels stay those of
+    the plain layout up to rounding (float sums in another order)."""
+    from riffusion.latents import model_output_to_pixels
+
+    vae = pipeline.components.vae
+    assert next(vae.parameters()).is_contiguous(memory_format=torch.channels_last)
+    latents = torch.randn(1, 4, 64, 32, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        channels_last = pipeline.decode_pixels(latents)
+        plain_vae = build_tiny_components(device="cpu").vae  # same seed, same weights
+        plain = model_output_to_pixels(plain_vae.decode(latents / pipeline.vae_scaling).sample)
+    assert channels_last.shape == plain.shape == (1, 3, 512, 256)
+    difference = (channels_last.int() - plain.int()).abs()
+    assert int(difference.max()) <= 1
+    assert float((difference > 0).float().mean()) < 0.02
