@@ -6,7 +6,7 @@ the API worker and the model worker every 10 ms. For each request it reports the
 peak rise over the RSS just before it, and fails (exit 1) when any rise passes the
 limit. Figures: docs/benchmarks.md.
 
-    uv run --frozen --all-extras python -m bench.bench_memory [--limit-mb 300]
+    uv run --frozen --all-extras python -m bench.bench_memory [--limit-mb 300] [--only TEXT]
 
 ``--stages`` instead measures, in this process, where the model worker's memory
 goes for the two heaviest shapes (one 20.48 s clip, 16 clips of 5.12 s): one VAE
@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages", action="store_true", help="in-process breakdown of post-processing"
     )
+    parser.add_argument(
+        "--only", default="", help="run only the requests whose name contains this text"
+    )
     args = parser.parse_args(argv)
     if args.stages:
         return stages()
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         client = httpx.Client(base_url=server.url, headers=AUTH, timeout=600)
         print(f"{'request':48} {'status':>6} {'API +MB':>8} {'model +MB':>9} {'s':>6}")
         for name, method, path, kwargs in CASES:
+            if args.only not in name:
+                continue
             before = {n: p.memory_info().rss for n, p in processes.items()}
             began = time.perf_counter()
             with PeakSampler(processes) as sampler:
