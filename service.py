@@ -122,6 +122,7 @@ class RiffusionModel:
         self.pipeline = RiffusionPipeline.load(
             source, device=SETTINGS.device, unet_backend=SETTINGS.unet_backend
         )
+        self.warm_up_s = self.pipeline.warm_up()  # before ready: the first request pays nothing
         self.metrics = EngineMetrics(self.pipeline.unet_forward)
         self.engine: Engine | None = None
         if SETTINGS.batching == "continuous":
@@ -159,6 +160,7 @@ class RiffusionModel:
             **self.pipeline.describe(),
             "batching": SETTINGS.batching,
             "max_batch_size": SETTINGS.max_batch_size,
+            "warm_up_s": round(self.warm_up_s, 3),
         }
 
     @bentoml.api

@@ -268,6 +268,9 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     unet_backend: str
+    warm_up_s: float = Field(
+        default=0.0, description="Seconds of the one-step clip generated at start-up, before ready."
+    )
 
 
 # ------------------------------------------------- API service <-> model service

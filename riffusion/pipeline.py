@@ -56,7 +56,14 @@ from riffusion.latents import (
 from riffusion.models import DEFAULT_MODEL_ID, RiffusionComponents, load_components
 from riffusion.prompts import PromptEncoder
 from riffusion.schedulers import JobSchedule, make_scheduler, schedule_job, scheduler_step
-from riffusion.schemas import HEIGHT, MAX_WIDTH, MIN_WIDTH, WIDTH_MULTIPLE, GenerationJob
+from riffusion.schemas import (
+    HEIGHT,
+    MAX_WIDTH,
+    MIN_WIDTH,
+    WIDTH_MULTIPLE,
+    GenerationJob,
+    PromptInput,
+)
 from riffusion.seed_images import SeedImageLibrary
 from riffusion.spectrogram import (
     INT16_FULL_SCALE,
@@ -178,6 +185,20 @@ class RiffusionPipeline:
         """Load ``model`` (hub id, local diffusers directory or ``tiny``) and build the pipeline."""
         components = load_components(model, device=device, dtype=dtype)
         return cls(components, unet_backend, seed_images, spectrogram_params)
+
+    def warm_up(self) -> float:
+        """Generate one cheap clip (one step, the default width) and return its seconds.
+
+        A process's first generation pays one-off costs (kernels and caches set up for
+        the common shapes, FFT plans, on a GPU the CUDA context): with the tiny model
+        on a CPU its first request raised the model worker's RSS by 145-170 MB, later
+        ones by 55-80 MB (docs/benchmarks.md). A server warms up before it reports
+        ready, so no request pays them.
+        """
+        began = time.perf_counter()
+        self.run([GenerationJob(start=PromptInput(prompt="warm-up"), num_inference_steps=1)])
+        release_freed_memory()
+        return time.perf_counter() - began
 
     def describe(self) -> dict[str, Any]:
         """Model id, tiny or not, device, dtype and UNet backend, for logs and health checks."""

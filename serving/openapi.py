@@ -155,7 +155,7 @@ def document_api(bentoml_spec: dict[str, Any]) -> dict[str, Any]:
     spec["paths"]["/model_info"] = {
         "get": {
             "summary": "The loaded model",
-            "description": "Checkpoint id, tiny or not, device, dtype and UNet backend.",
+            "description": "The checkpoint, device, dtype, UNet backend and start-up warm-up.",
             "tags": ["Service APIs"],
             "responses": {
                 "200": {

@@ -125,6 +125,7 @@ def test_model_info_reports_the_tiny_model(client: Any) -> None:
     assert "TINY" in info["note"]
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["unet_backend"] == "eager"
+    assert info["warm_up_s"] > 0  # one generation ran before the service took requests
 
 
 def test_openapi_documents_typed_endpoints(client: Any) -> None:
