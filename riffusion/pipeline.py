@@ -164,11 +164,13 @@ class RiffusionPipeline:
         self.spectrogram_params = spectrogram_params or SpectrogramParams()
         self.seed_latent_cache: LRUCache[tuple[str, int], Tensor] = LRUCache(seed_latent_cache_size)
         vae = components.vae
-        if self.device.type == "cpu":
-            # oneDNN convolves channels-last tensors without reordering them to and from
-            # its blocked layout: a 2048 px decode takes ~30 % less time and ~50 MB less
-            # memory (docs/benchmarks.md, "Hardening: memory per request").
-            vae.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+        # On a CPU oneDNN convolves channels-last tensors without reordering them to and
+        # from its blocked layout: a 2048 px decode takes ~30 % less time and ~50 MB less
+        # memory (docs/benchmarks.md, "Hardening: memory per request").
+        self.vae_memory_format = (
+            torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        )
+        vae.to(memory_format=self.vae_memory_format)  # type: ignore[call-arg]
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         self.vae_scaling = float(vae.config["scaling_factor"])
 
@@ -197,7 +199,6 @@ class RiffusionPipeline:
         """
         began = time.perf_counter()
         self.run([GenerationJob(start=PromptInput(prompt="warm-up"), num_inference_steps=1)])
-        release_freed_memory()
         return time.perf_counter() - began
 
     def describe(self) -> dict[str, Any]:
@@ -401,9 +402,7 @@ class RiffusionPipeline:
         """(B, 4, h, w) latents -> uint8 (B, 3, H, W) spectrogram pixels, one VAE call."""
         vae = self.components.vae
         latents = latents.to(self.device, vae.dtype) / self.vae_scaling
-        if self.device.type == "cpu":
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        decoded = vae.decode(latents).sample
+        decoded = vae.decode(latents.contiguous(memory_format=self.vae_memory_format)).sample
         return model_output_to_pixels(decoded)
 
     def griffin_lim(
@@ -457,7 +456,7 @@ class RiffusionPipeline:
         clips: list[GeneratedClip] = []
         for state in group:
             clips += self._finish_together([state], trim_heap=True)
-            release_freed_memory()
+        release_freed_memory()  # what the last clip freed (the next clip's decode trims first)
         return clips
 
     def _finish_together(

@@ -509,7 +509,7 @@ class SpectrogramConverter:
         grid = self.band_grid if self._inverse_mel_in_band else self.grid
         assert grid is not None
         # (batch, frames, n_mels) @ (n_mels, bins): the frames-major layout, one buffer.
-        bins = min(self._mel_bins, grid.n_stft)
+        bins = self._mel_bins  # within either grid: the band grid is used only if it holds them
         magnitudes = torch.matmul(mel.transpose(-1, -2), self.inverse_mel_matrix[:bins].T)
         magnitudes.clamp_(min=0)
         if grid is not self.grid:
