@@ -662,6 +662,14 @@ def test_model_info_does_not_wait_behind_a_generation(server: str) -> None:
     assert info_s < min(1.0, result["seconds"] / 2), (info_s, result)
 
 
+def test_model_info_reports_the_start_up_warm_up(server: str) -> None:
+    """The model service generated a clip before it reported ready (first requests pay
+    no one-off set-up)."""
+    info = httpx.get(f"{server}/model_info", headers=AUTH, timeout=60)
+    assert info.status_code == 200
+    assert info.json()["warm_up_s"] > 0
+
+
 def test_overload_429_has_retry_after_and_the_error_shape(server: str) -> None:
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=300) as client:

@@ -21,6 +21,7 @@ from diffusers import PNDMScheduler
 from PIL import Image
 
 from riffusion.audio import Audio
+from riffusion.latents import model_output_to_pixels
 from riffusion.models import build_tiny_components
 from riffusion.pipeline import GeneratedClip, InvalidJobError, RiffusionPipeline
 from riffusion.riff import clip_init_image_png
@@ -318,8 +319,6 @@ def test_cpu_vae_decode_in_channels_last_matches_the_plain_layout(
 ) -> None:
     """On a CPU the VAE runs channels-last (less memory, faster); the pixels stay those of
     the plain layout up to rounding (float sums in another order)."""
-    from riffusion.latents import model_output_to_pixels
-
     vae = pipeline.components.vae
     assert next(vae.parameters()).is_contiguous(memory_format=torch.channels_last)
     latents = torch.randn(1, 4, 64, 32, generator=torch.Generator().manual_seed(5))
