@@ -116,10 +116,10 @@ def test_a_wide_clip_reconstructs_in_a_few_spectra_of_memory() -> None:
         lambda: converter.waveform_from_mel_amplitudes(mel, [torch.Generator().manual_seed(1)])
     )
     # At 2048 frames the previous STFT on the mel's 4001 bins is 66 MB, the magnitudes
-    # 33 MB, one chunk's buffers ~35 MB. Whole-signal transforms peaked at about 925 MB,
-    # chunks with fresh buffers each and the full band grid's bins at 245-270 MB; this
-    # loop measures 150-170 MB as RSS (the rise depends on what earlier tests left in
-    # the allocator), so the bound leaves room for that and still catches a regression.
+    # 33 MB, one 2 MB chunk's buffers ~10 MB. Whole-signal transforms peaked at about
+    # 925 MB, chunks with fresh buffers each and the full band grid's bins at 245-270 MB;
+    # this loop measures 120-145 MB as RSS (the rise depends on what earlier tests left
+    # in the allocator), so the bound leaves room for that and still catches a regression.
     assert rise_mb < 250, rise_mb
 
 
