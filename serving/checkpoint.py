@@ -14,11 +14,13 @@ from bentoml.exceptions import BentoMLException
 from bentoml.models import HuggingFaceModel
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from riffusion.models import ModelLoadError, describe_hub_failure
 
+class CheckpointUnavailable(BentoMLException):
+    """riffusion's ModelLoadError, as one line the BentoML CLI reports (a BentoMLException).
 
-class CheckpointUnavailable(ModelLoadError, BentoMLException):
-    """A ModelLoadError the BentoML CLI reports as one line (it is a BentoMLException)."""
+    Not a subclass of it: riffusion.models loads torch, and this module is imported by
+    the API service too (service.py declares the checkpoint), which never does.
+    """
 
     def __str__(self) -> str:
         return f"ModelLoadError: {self.args[0]}"
@@ -28,6 +30,8 @@ class HubCheckpoint(HuggingFaceModel):
     """``bentoml.models.HuggingFaceModel`` with a one-line error when the hub is out of reach."""
 
     def resolve(self, base_path: Any = None) -> str:
+        from riffusion.models import describe_hub_failure  # torch: only when resolving
+
         try:
             return super().resolve(base_path)
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
