@@ -42,6 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from riffusion.audio import Audio, AudioError
+from riffusion.device_policy import device_policy
 from riffusion.exif import INT16_FULL_SCALE, ExifTag
 
 # The fixed decode scale (max_value) corresponds to 16-bit audio (a full-scale
@@ -486,7 +487,7 @@ class SpectrogramConverter:
         """
         self._check_mel_shape(amplitudes)
         per_item = generator is not None and not isinstance(generator, torch.Generator)
-        if per_item and self.device.type == "cpu" and amplitudes.dim() > 3:
+        if per_item and not device_policy(self.device).batch_together and amplitudes.dim() > 3:
             # On a CPU a whole batch's FFT buffers outgrow the caches: item by item is
             # about 2x faster (docs/benchmarks.md). A GPU takes the batch in one go.
             generators = list(cast("Sequence[torch.Generator]", generator))
