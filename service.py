@@ -184,6 +184,7 @@ AudioFile = Annotated[Path, ContentType("audio/*")]
         "concurrency": max(1, SETTINGS.max_concurrency // 2),
         "max_concurrency": SETTINGS.max_concurrency,
     },
+    http=http.bentoml_http_config(SETTINGS.cors_origins),
 )
 class Riffusion:
     """Public HTTP API: web-app endpoint, text/audio-to-audio, interpolation, seed images."""

@@ -54,12 +54,13 @@ def clip_body(seed: int, **overrides: Any) -> dict[str, Any]:
     return {**body, "format": "wav", **overrides}
 
 
-def wav_bytes(seconds: float = 0.5, sample_rate: int = 44100) -> bytes:
+def wav_bytes(seconds: float = 0.5, sample_rate: int = 44100, frequency_hz: float = 220) -> bytes:
+    """A 16-bit WAV of a sine tone."""
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     buffer = io.BytesIO()
     sf.write(
         buffer,
-        (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
+        (0.3 * np.sin(2 * np.pi * frequency_hz * t)).astype(np.float32),
         sample_rate,
         "PCM_16",
         format="WAV",
