@@ -7,6 +7,7 @@ reads no environment at import. An empty variable means its default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,11 @@ class ServiceSettings(BaseSettings):
     )
 
     model: str = "riffusion/riffusion-model-v1"
+    # The hub checkpoint's commit (40 hex digits): `bentoml build` refuses a hub id without it.
+    model_revision: str | None = None
+    # The tiny model on a CUDA device is a mistake (a tiny Bento without its ConfigMap)
+    # unless asked for: the model service refuses to start otherwise.
+    allow_tiny_on_gpu: bool = False
     unet_backend: UNetBackend = "eager"
     device: str | None = None
     batching: BatchingMode = "continuous"
@@ -38,6 +44,9 @@ class ServiceSettings(BaseSettings):
     # None picks by device (riffusion.engine.default_postprocess).
     postprocess: PostProcessMode | None = None
     api_key: str | None = None
+    # "required": a missing RIFFUSION_API_KEY is a start-up error (the Bento's default);
+    # "optional": the key turns auth on when set (a source checkout's default).
+    auth: Literal["required", "optional"] = "optional"
     max_upload_mb: float = Field(default=20.0, gt=0)
     max_upload_duration_s: float = Field(
         default=120.0,
@@ -64,5 +73,17 @@ class ServiceSettings(BaseSettings):
 
     @property
     def is_hub_model(self) -> bool:
-        """A hub id (``owner/name``), as opposed to ``tiny`` or a local directory."""
-        return self.model != "tiny" and not Path(self.model).expanduser().exists()
+        """A hub id (``owner/name``), as opposed to ``tiny``, a local directory or a store tag."""
+        return (
+            self.model != "tiny"
+            and not self.is_store_model
+            and not Path(self.model).expanduser().exists()
+        )
+
+    @property
+    def is_store_model(self) -> bool:
+        """A BentoML model-store tag (``name:version``, no slash): a checkpoint the Bento packs."""
+        return (
+            re.fullmatch(r"[a-z0-9][a-z0-9_.-]*:[a-z0-9_.-]+", self.model) is not None
+            and not Path(self.model).expanduser().exists()
+        )
