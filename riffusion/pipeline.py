@@ -321,9 +321,15 @@ class RiffusionPipeline:
         def encode() -> Tensor:
             vae = self.components.vae
             pixels = pixels_to_model_input(image).to(self.device, vae.dtype)
+            posterior = vae.encode(pixels).latent_dist
+            # The sample's noise is drawn in float32 whatever the model's dtype: a CPU
+            # generator draws other numbers in half precision than in float32 (for
+            # tensors of 16 or more elements), so ``latent_dist.sample`` would give a
+            # float16 deployment other seed latents than the float32 reference.
             generator = torch.Generator("cpu").manual_seed(seed)
-            sample = vae.encode(pixels).latent_dist.sample(generator=generator)
-            return (sample * self.vae_scaling).float()
+            noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+            mean, std = posterior.mean.float(), posterior.std.float()
+            return (mean + std * noise.to(self.device)) * self.vae_scaling
 
         return self.seed_latent_cache.get_or_compute((key, seed), encode)
 
@@ -395,6 +401,12 @@ class RiffusionPipeline:
         vae = self.components.vae
         latents = latents.to(self.device, vae.dtype) / self.vae_scaling
         decoded = vae.decode(latents.contiguous(memory_format=self.vae_memory_format)).sample
+        if not bool(torch.isfinite(decoded).all()):
+            # fp16 activations overflow above 65504; uint8 pixels would hide it as noise.
+            raise FloatingPointError(
+                f"the VAE decode gave non-finite values in {decoded.dtype}; "
+                "load the model in float32 or bfloat16"
+            )
         return model_output_to_pixels(decoded)
 
     def griffin_lim(
