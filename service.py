@@ -74,6 +74,7 @@ from serving.model_calls import (
 from serving.openapi import document_api
 from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
+from serving.shutdown import DrainOnShutdown, ShutdownDrain
 from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
 from serving.ui import ui_routes
 from serving.worker_temp import use_private_temp_dir
@@ -83,6 +84,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings.from_env()
+# This process's shutdown: SIGTERM starts RIFFUSION_SHUTDOWN_GRACE_S, at whose end the
+# requests still running are answered 503 + Retry-After (serving/shutdown.py).
+DRAIN = ShutdownDrain(SETTINGS.shutdown_grace_s)
 http.close_bentoml_input_paths()
 
 
@@ -153,12 +157,16 @@ class RiffusionModel:
     def __is_ready__(self) -> bool:
         return getattr(self, "pipeline", None) is not None
 
+    @bentoml.on_startup
+    def _install_drain(self) -> None:
+        DRAIN.install()
+
     @bentoml.on_shutdown
     def _stop_engine(self) -> None:
-        """Finish the jobs in flight (within the grace period), then stop the engine."""
+        """Stop the engine: its jobs have finished or been cancelled (serving/shutdown.py)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.stop(timeout_s=SETTINGS.shutdown_grace_s)
+            engine.stop(timeout_s=max(1.0, DRAIN.remaining_s()))
 
     @bentoml.api
     async def describe(self) -> dict[str, Any]:
@@ -313,6 +321,10 @@ class Riffusion:
         use_private_temp_dir()  # before the model client makes its temp folder
         self.seed_images = SeedImageLibrary()
         self._model_info: dict[str, Any] | None = None
+
+    @bentoml.on_startup
+    def _install_drain(self) -> None:
+        DRAIN.install()
 
     @bentoml.on_startup
     def _announce_ready(self) -> None:
@@ -570,3 +582,9 @@ http.install(
     ),
 )
 _api_service.add_asgi_middleware(RequestLifetime, default_timeout_s=SETTINGS.request_timeout_s)
+_api_service.add_asgi_middleware(DrainOnShutdown, drain=DRAIN)
+# The model service drops a clip as soon as its caller (the API service) hangs up, and
+# answers what is left at the end of the shutdown grace.
+_model_service = cast("bentoml.Service[RiffusionModel]", RiffusionModel)
+_model_service.add_asgi_middleware(RequestLifetime, default_timeout_s=SETTINGS.request_timeout_s)
+_model_service.add_asgi_middleware(DrainOnShutdown, drain=DRAIN)

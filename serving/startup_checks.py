@@ -26,7 +26,9 @@ from bentoml.exceptions import BentoMLException
 
 from riffusion.models import ModelLoadError
 
-logger = logging.getLogger("riffusion.service")
+# Under BentoML's logger: its handler prints INFO lines in the server log (the root
+# logger, and so "riffusion.*", stays at WARNING under `bentoml serve`).
+logger = logging.getLogger("bentoml.riffusion")
 READY_POLL_S = 0.5
 
 
