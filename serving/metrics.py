@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from riffusion.engine import EngineObserver
+from riffusion.contracts import EngineObserver
 
 logger = logging.getLogger(__name__)
 
