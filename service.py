@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import anyio
 import bentoml
@@ -54,9 +54,6 @@ from serving.settings import ServiceSettings
 from serving.shutdown import DrainOnShutdown, ShutdownDrain
 from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
 from serving.worker_temp import use_private_temp_dir
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings()
