@@ -300,7 +300,7 @@ def run_listeners(
 ) -> None:
     """The ``WebAppListener`` ramp against each mode's server -> ``listeners.json``."""
     listeners: dict[str, object] = {}
-    users, run_time = ("2", "8s") if dry else ("40", "25s")
+    users, run_time = ("2", "8s") if dry else ("40", "20s")
     with tempfile.TemporaryDirectory(prefix="gpu-kit-listeners-") as reports_dir:
         for mode, url in urls.items():
             report = Path(reports_dir) / mode
@@ -326,8 +326,8 @@ def plan(kit: Kit, model_dir: Path) -> None:
         {"install": 60, "env": 90, "cuda_tests": 150, "pipeline": 300, "model": 30}
         | {"serve": 240, "served": 150, "listeners": 120}
         if dry
-        else {"install": 40, "env": 15, "cuda_tests": 120, "pipeline": 140, "model": 25}
-        | {"serve": 60, "served": 60, "listeners": 40}  # listeners: per mode
+        else {"install": 40, "env": 15, "cuda_tests": 100, "pipeline": 120, "model": 45}
+        | {"serve": 90, "served": 60, "listeners": 35}  # listeners: per mode
     )
 
     if kit.no_install:
