@@ -17,6 +17,7 @@ import torch
 import torchaudio.transforms as T
 from torch import Tensor
 
+from riffusion.device_policy import device_policy
 from riffusion.spectrogram.params import SpectrogramError, SpectrogramParams
 from riffusion.spectrogram.stft import ChunkBuffers, StftGrid
 
@@ -195,7 +196,7 @@ class SpectrogramConverter:
         """
         self._check_mel(amplitudes)
         per_item = generator is not None and not isinstance(generator, torch.Generator)
-        if per_item and self.device.type == "cpu" and amplitudes.dim() > 3:
+        if per_item and not device_policy(self.device).batch_together and amplitudes.dim() > 3:
             # On a CPU a whole batch's FFT buffers outgrow the caches: item by item is
             # about 2x faster (docs/benchmarks.md). A GPU takes the batch in one go.
             generators = list(cast("Sequence[torch.Generator]", generator))
