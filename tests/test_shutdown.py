@@ -2,16 +2,14 @@
 
 SIGTERM to ``bentoml serve`` (as Kubernetes sends it after the preStop pause):
 clips in flight finish or are answered 503 with Retry-After when
-``RIFFUSION_SHUTDOWN_GRACE_S`` ends, a clip whose client has left is dropped at
-once, and the server exits within the budget (deploy/README.md: grace + 10 s).
-Each test ends its own instance, so each starts a dedicated one.
+``RIFFUSION_SHUTDOWN_GRACE_S`` ends, and the server exits within the budget
+(deploy/README.md: grace + 10 s). The test ends its instance, so it starts a
+dedicated one.
 """
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +27,6 @@ from tests.test_deploy import EXIT_MARGIN_S
 LONG_CLIP = {"prompt": "slow piano", "num_inference_steps": 150, "duration_s": 5.12}
 CLIENTS = 3
 SHORT_GRACE_S = 4.0
-LONG_GRACE_S = 120.0
 # A loaded 2-core machine answers a little after the deadline it aims at.
 ANSWER_SLACK_S = 5.0
 
@@ -47,15 +44,6 @@ def _serve(tmp_path: Path, grace_s: float) -> LocalServer:
 @pytest.fixture
 def short_grace(tmp_path: Path) -> Iterator[LocalServer]:
     server = _serve(tmp_path, SHORT_GRACE_S)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def long_grace(tmp_path: Path) -> Iterator[LocalServer]:
-    server = _serve(tmp_path, LONG_GRACE_S)
     try:
         yield server
     finally:
@@ -113,30 +101,3 @@ def test_clips_in_flight_are_answered_before_the_grace_ends(short_grace: LocalSe
             assert int(response.headers["Retry-After"]) >= 1
             assert "shutting down" in response.text or "cancelled" in response.text
     assert exited_after_s <= SHORT_GRACE_S + EXIT_MARGIN_S
-
-
-def _post_and_leave_later(url: str) -> socket.socket:
-    """Send a clip request on a raw connection, to be closed without reading the answer."""
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({**LONG_CLIP, "seed": 7}).encode()
-    connection = socket.create_connection((host, int(port)))
-    connection.sendall(
-        b"POST /text_to_audio HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
-    )
-    return connection
-
-
-def test_a_clip_whose_client_left_does_not_hold_up_the_exit(long_grace: LocalServer) -> None:
-    """With a 120 s grace, a clip whose client hangs up during the shutdown is dropped at
-    once: the server exits within the exit margin, not at the end of the grace."""
-    server = long_grace
-    connection = _post_and_leave_later(server.url)
-    _wait_in_flight(server, 1)
-    assert server.process is not None
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(1.0)  # the shutdown is under way, the clip still running
-    assert server.process.poll() is None, "exited with a clip in flight"
-    connection.close()
-    exited_after_s = _wait_exit(server, EXIT_MARGIN_S + ANSWER_SLACK_S)
-    assert exited_after_s < LONG_GRACE_S / 4
