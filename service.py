@@ -89,7 +89,7 @@ class RiffusionModel:
 
     ``RIFFUSION_BATCHING`` says how jobs reach it: ``continuous`` (default) through
     ``submit``, joining the running batch at the next step; ``off`` the same with a
-    running batch of one; ``adaptive`` through ``generate``, batches BentoML gathers
+    running batch of one; ``adaptive`` through ``submit_batch``, batches BentoML gathers
     entering the engine together, one batch at a time. ``cancel`` drops jobs in all three.
     """
 
@@ -170,7 +170,7 @@ class RiffusionModel:
             max_batch_size=ENGINE_BATCH_SIZE,
             max_latency_ms=SETTINGS.max_latency_ms,
         )
-        async def generate(self, requests: list[ModelRequest]) -> list[ModelReply]:
+        async def submit_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
             """Adaptive batching: the calls BentoML gathered enter the engine together."""
             async with self._one_batch_at_a_time:
                 return await run_in_engine(self.engine, self.pipeline.prompt_encoder, requests)
@@ -206,6 +206,7 @@ AudioFile = Annotated[Path, ContentType("audio/*")]
         "concurrency": max(1, SETTINGS.max_concurrency // 2),
         "max_concurrency": SETTINGS.max_concurrency,
     },
+    http=http.bentoml_http_config(SETTINGS.cors_origins),
 )
 class Riffusion:
     """Public HTTP API: web-app endpoint, text/audio-to-audio, interpolation, seed images."""

@@ -214,7 +214,7 @@ class ModelClient:
         for attempt in (1, 2):
             try:
                 if self.mode == "adaptive":
-                    [answer] = await self.model.to_async.generate([request])
+                    [answer] = await self.model.to_async.submit_batch([request])
                 else:
                     answer = await self.model.to_async.submit(request)
                 return ModelReply.model_validate(answer)
