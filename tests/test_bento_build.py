@@ -171,8 +171,7 @@ def test_bento_contents_and_services(built: BuiltBento) -> None:
     assert model_config["resources"] == {"gpu": 1, "gpu_type": "nvidia-a10g"}
     assert model_config["workers"] == 1
     assert "gpu" not in services["riffusion"]["config"].get("resources", {})
-    # CORS is the API's own middleware (serving/http.py), not BentoML's: none configured here.
-    assert not services["riffusion"]["config"].get("http", {}).get("cors", {}).get("enabled")
+    assert services["riffusion"]["config"]["http"]["cors"]["enabled"] is True
     envs = {e["name"]: e["value"] for e in info["envs"]}
     assert envs["RIFFUSION_MODEL"] == built.checkpoint_tag  # the model it was built for
     routes = {r["route"] for r in info["schema"]["routes"]}
