@@ -54,7 +54,7 @@ from riffusion.engine import EngineStopped, default_postprocess
 from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
 from riffusion.spectrogram import encode_image
 from serving import http
-from serving.checkpoint import HubCheckpoint
+from serving.checkpoint import HubCheckpoint, store_checkpoint
 from serving.errors import error_response, failed
 from serving.metrics import (
     BATCH_SIZE,
@@ -74,6 +74,7 @@ from serving.model_calls import (
 from serving.openapi import document_api
 from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
+from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
 from serving.ui import ui_routes
 from serving.worker_temp import use_private_temp_dir
 
@@ -105,12 +106,19 @@ class RiffusionModel:
     ``adaptive``: BentoML's adaptive batching of ``generate`` calls; ``off``: one at a time.
     """
 
-    # Declared so that `bentoml build` with network access packs the checkpoint
-    # into the Bento; `tiny` and local directories need no declaration (offline).
+    # Declared so that the Bento carries the checkpoint (serving/checkpoint.py): a hub id
+    # pinned to RIFFUSION_MODEL_REVISION (downloaded into the image by `bentoml
+    # containerize`) or a model-store tag (copied in by `bentoml build`, offline).
+    # `tiny` and local directories need no declaration.
+    checkpoint: Any
     if SETTINGS.is_hub_model:
         checkpoint = HubCheckpoint(
-            SETTINGS.model, exclude=["*.ckpt", "*.safetensors.index.json", "*.bin.index.json"]
+            SETTINGS.model,
+            revision=SETTINGS.model_revision or "main",
+            exclude=["*.ckpt", "*.safetensors.index.json", "*.bin.index.json"],
         )
+    elif SETTINGS.is_store_model:
+        checkpoint = store_checkpoint(SETTINGS.model)
 
     def __init__(self) -> None:
         from riffusion.engine import Engine, EngineConfig  # heavy: torch, diffusers
@@ -118,10 +126,15 @@ class RiffusionModel:
 
         forget_dead_processes()  # a restarted worker must not inherit its predecessor's gauges
         use_private_temp_dir()  # and removes the temp folders of dead workers
-        source = str(self.checkpoint) if SETTINGS.is_hub_model else SETTINGS.model
+        source = SETTINGS.model
+        if SETTINGS.is_hub_model:
+            source = str(self.checkpoint)  # the pinned snapshot (in the image, or downloaded)
+        elif SETTINGS.is_store_model:
+            source = self.checkpoint.path  # inside the Bento's own model store
         self.pipeline = RiffusionPipeline.load(
             source, device=SETTINGS.device, unet_backend=SETTINGS.unet_backend
         )
+        refuse_tiny_on_gpu(self.pipeline.describe(), SETTINGS.allow_tiny_on_gpu)
         self.warm_up_s = self.pipeline.warm_up()  # before ready: the first request pays nothing
         self.metrics = EngineMetrics(self.pipeline.unet_forward)
         self.engine: Engine | None = None
@@ -300,6 +313,13 @@ class Riffusion:
         use_private_temp_dir()  # before the model client makes its temp folder
         self.seed_images = SeedImageLibrary()
         self._model_info: dict[str, Any] | None = None
+
+    @bentoml.on_startup
+    def _announce_ready(self) -> None:
+        """One log line when the model service turns ready (see serving/startup_checks.py)."""
+        self._ready_announcement = asyncio.get_running_loop().create_task(
+            announce_when_ready(_model_ready, self.model_info)
+        )
 
     # ---------------------------------------------------------------- helpers
     async def model_info(self) -> dict[str, Any]:
@@ -537,6 +557,7 @@ async def _model_ready() -> bool:
     return bool(model.__is_ready__())
 
 
+require_api_key(SETTINGS.auth, SETTINGS.api_key)  # before serving anything: no open access
 http.install(
     _api_service,
     cors_origins=SETTINGS.cors_origins,

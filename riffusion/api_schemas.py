@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -343,11 +344,19 @@ class ServiceSettings(BaseModel):
     """Service configuration, read from ``RIFFUSION_*`` environment variables."""
 
     model: str = "riffusion/riffusion-model-v1"
+    # The hub checkpoint's commit (40 hex digits): `bentoml build` refuses a hub id without it.
+    model_revision: str | None = None
+    # The tiny model on a CUDA device is a mistake (a tiny Bento without its ConfigMap)
+    # unless asked for: the model service refuses to start otherwise.
+    allow_tiny_on_gpu: bool = False
     unet_backend: Literal["eager", "traced", "compiled"] = "eager"
     device: str | None = None
     max_batch_size: int = Field(default=8, ge=1)
     max_latency_ms: int = Field(default=60_000, ge=1)
     api_key: str | None = None
+    # "required": a missing RIFFUSION_API_KEY is a start-up error (the Bento's default);
+    # "optional": the key turns auth on when set (a source checkout's default).
+    auth: Literal["required", "optional"] = "optional"
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_upload_duration_s: float = Field(default=120.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)
@@ -365,11 +374,15 @@ class ServiceSettings(BaseModel):
         env = os.environ
         return cls(
             model=env.get("RIFFUSION_MODEL") or "riffusion/riffusion-model-v1",
+            model_revision=env.get("RIFFUSION_MODEL_REVISION") or None,
+            allow_tiny_on_gpu=(env.get("RIFFUSION_ALLOW_TINY_ON_GPU") or "").strip().lower()
+            in {"1", "true", "yes", "on"},
             unet_backend=cast(Any, env.get("RIFFUSION_UNET_BACKEND") or "eager"),
             device=env.get("RIFFUSION_DEVICE") or None,
             max_batch_size=_env_int("RIFFUSION_MAX_BATCH_SIZE", 8),
             max_latency_ms=_env_int("RIFFUSION_MAX_LATENCY_MS", 60_000),
             api_key=env.get("RIFFUSION_API_KEY") or None,
+            auth=cast(Any, env.get("RIFFUSION_AUTH") or "optional"),
             max_upload_bytes=int(_env_float("RIFFUSION_MAX_UPLOAD_MB", 20.0) * 1024 * 1024),
             max_upload_duration_s=_env_float("RIFFUSION_MAX_UPLOAD_SECONDS", 120.0),
             max_concurrency=_env_int("RIFFUSION_MAX_CONCURRENCY", 32),
@@ -387,5 +400,17 @@ class ServiceSettings(BaseModel):
 
     @property
     def is_hub_model(self) -> bool:
-        """A hub id (``owner/name``), as opposed to ``tiny`` or a local directory."""
-        return self.model != "tiny" and not Path(self.model).expanduser().exists()
+        """A hub id (``owner/name``), as opposed to ``tiny``, a local directory or a store tag."""
+        return (
+            self.model != "tiny"
+            and not self.is_store_model
+            and not Path(self.model).expanduser().exists()
+        )
+
+    @property
+    def is_store_model(self) -> bool:
+        """A BentoML model-store tag (``name:version``, no slash): a checkpoint the Bento packs."""
+        return (
+            re.fullmatch(r"[a-z0-9][a-z0-9_.-]*:[a-z0-9_.-]+", self.model) is not None
+            and not Path(self.model).expanduser().exists()
+        )
