@@ -12,10 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from riffusion.audio import Audio, AudioError, crossfade_clips, resample, slice_clips, to_mono
+from riffusion.audio import (
+    DEFAULT_SAMPLE_RATE,
+    Audio,
+    AudioError,
+    crossfade_clips,
+    resample,
+    slice_clips,
+    to_mono,
+)
 from riffusion.schemas import (
     MAX_WIDTH,
     MIN_WIDTH,
@@ -23,13 +32,20 @@ from riffusion.schemas import (
     GenerationJob,
     PromptInput,
 )
-from riffusion.spectrogram import SpectrogramParams, encode_image, image_from_audio
+
+if TYPE_CHECKING:  # torch: imported only where a spectrogram is made (the CLI checks first)
+    from riffusion.spectrogram import SpectrogramParams
 
 CLIP_DURATION_S = 5.12
 OVERLAP_S = 0.2
 # Denoising that changes the sound while keeping the source recognisable.
 RIFF_DENOISING = 0.5
-DEFAULT_PARAMS = SpectrogramParams()
+
+
+def _default_params() -> SpectrogramParams:
+    from riffusion.spectrogram import SpectrogramParams
+
+    return SpectrogramParams()
 
 
 def alphas_along(num_clips: int) -> list[float]:
@@ -48,17 +64,28 @@ def _with_default_denoising(prompt_input: PromptInput, denoising: float) -> Prom
     return prompt_input.model_copy(update={"denoising": denoising})
 
 
-def prepare_track(audio: Audio, params: SpectrogramParams = DEFAULT_PARAMS) -> Audio:
+def prepare_track(audio: Audio, params: SpectrogramParams | None = None) -> Audio:
     """Mono at the spectrogram's sample rate: the model only knows mono spectrograms."""
+    rate = DEFAULT_SAMPLE_RATE if params is None else params.sample_rate
     mono = to_mono(audio) if audio.channels > 1 else audio
-    return resample(mono, params.sample_rate) if mono.sample_rate != params.sample_rate else mono
+    return resample(mono, rate) if mono.sample_rate != rate else mono
 
 
-def clip_init_image_png(clip: Audio, params: SpectrogramParams = DEFAULT_PARAMS) -> bytes:
+def count_clips(
+    audio: Audio, clip_duration_s: float = CLIP_DURATION_S, overlap_s: float = OVERLAP_S
+) -> int:
+    """How many clips ``plan_riff`` cuts ``audio`` into (no spectrogram: no torch)."""
+    return len(slice_clips(prepare_track(audio), clip_duration_s, overlap_s))
+
+
+def clip_init_image_png(clip: Audio, params: SpectrogramParams | None = None) -> bytes:
     """A clip's spectrogram as PNG, cropped to a whole number of latent pixels (8 px).
 
     Clips shorter than the model's minimum width are padded with silence first.
     """
+    from riffusion.spectrogram import encode_image, image_from_audio
+
+    params = params or _default_params()
     min_frames = (MIN_WIDTH - 1) * params.hop_length
     if clip.num_frames < min_frames:
         padding = np.zeros((clip.channels, min_frames - clip.num_frames), dtype=np.float32)
@@ -86,7 +113,7 @@ def plan_riff(
     overlap_s: float = OVERLAP_S,
     denoising: float = RIFF_DENOISING,
     mask_image_id: str | None = None,
-    params: SpectrogramParams = DEFAULT_PARAMS,
+    params: SpectrogramParams | None = None,
 ) -> RiffPlan:
     """One img2img job per overlapping clip of ``audio``, in track order.
 
@@ -94,6 +121,7 @@ def plan_riff(
     ``end`` input, alpha walks from 0 on the first clip to 1 on the last. The
     track is mixed down, resampled and sliced once.
     """
+    params = params or _default_params()
     max_duration_s = MAX_WIDTH * params.step_size_ms / 1000
     if not 0 < clip_duration_s <= max_duration_s:
         raise AudioError(
@@ -173,6 +201,7 @@ __all__ = [
     "RiffPlan",
     "alphas_along",
     "clip_init_image_png",
+    "count_clips",
     "fit_length",
     "interpolation_jobs",
     "plan_riff",

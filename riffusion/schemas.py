@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from riffusion.prompt_syntax import check_prompt_length
 from riffusion.seed_images import ID_PATTERN
 
 MAX_PROMPT_CHARS = 1000
@@ -40,7 +41,6 @@ def _not_blank(text: str) -> str:
 
 
 def _fits_clip(text: str) -> str:
-    from riffusion.prompts import check_prompt_length  # torch: only when validating
 
     return check_prompt_length(text)
 

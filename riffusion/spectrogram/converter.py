@@ -17,6 +17,7 @@ import torch
 import torchaudio.transforms as T
 from torch import Tensor
 
+from riffusion.progress import report as report_progress
 from riffusion.spectrogram.params import SpectrogramError, SpectrogramParams
 from riffusion.spectrogram.stft import ChunkBuffers, StftGrid
 
@@ -346,6 +347,7 @@ class SpectrogramConverter:
                 update.mul_(scale.unsqueeze(-1))
                 summed.add(grid.synthesise(spectrum), first)
             waveform = summed.signal(envelope)
+            report_progress("griffin-lim", iteration + 1, p.num_griffin_lim_iters)
         return waveform
 
     def _chunk_frames(self, batch: int, grid: StftGrid) -> int:
