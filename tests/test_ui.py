@@ -112,6 +112,73 @@ def test_page_and_assets_are_public_and_self_contained(server: str) -> None:
     assert "[/ui](/ui)" in docs.text
 
 
+def test_no_file_the_page_loads_is_missing(browser: Any, server: str) -> None:
+    """Every request of a page load is answered (the favicon was a 404 on every load)."""
+    context = browser.new_context()
+    page = context.new_page()
+    failures: list[str] = []
+    page.on("response", lambda r: r.status >= 400 and failures.append(f"{r.status} {r.url}"))
+    page.on("requestfailed", lambda r: failures.append(f"failed {r.url}"))
+    try:
+        page.goto(f"{server}/ui")
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-input", API_KEY)
+        page.click("#key-save")
+        page.wait_for_function("window.playground.seedImages.length > 0")
+        # The icon the page names is requested once it has loaded.
+        page.wait_for_load_state("networkidle")
+        icons = page.evaluate("[...document.querySelectorAll('link[rel=icon]')].map((l) => l.href)")
+    finally:
+        context.close()
+    # Only the first calls, made before the key was typed, were refused (401).
+    assert [f for f in failures if not f.startswith("401 ")] == [], failures
+    assert icons and all(httpx.get(icon).status_code == 200 for icon in icons), icons
+
+
+def test_the_model_badge_recovers_from_a_wrong_key(browser: Any, server: str) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        page.goto(f"{server}/ui")
+        for attempt in (1, 2, 3):  # a wrong key, and the page asks again: three tries
+            page.wait_for_function(
+                f"window.playground.auth.dialogOpen && window.playground.auth.prompts === {attempt}"
+            )
+            page.fill("#key-input", "not-the-key")
+            page.click("#key-save")
+        badge = page.locator("#model-info")
+        page.wait_for_function("window.playground.loadError !== null")
+        assert badge.inner_text() == "model: unknown (no valid API key)"
+        page.click("#api-key-button")
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-input", API_KEY)
+        page.click("#key-save")
+        page.wait_for_function("window.playground.seedImages.length > 0")
+        assert badge.inner_text() == "model: tiny test model (noise, not music)"
+        assert page.locator("#jam-error").is_hidden()
+    finally:
+        context.close()
+
+
+def test_result_players_show_only_with_a_result(page: Any) -> None:
+    """No empty, disabled player or dead Download link before a result or after an error."""
+    for panel in ("text", "audio"):
+        page.click(f"#tabs [data-panel={panel}]")
+        assert page.locator(f"#{panel}").is_visible()
+        assert page.locator(f"#{panel}-result").is_hidden(), panel
+        assert page.locator(f"#{panel}-result audio").is_hidden(), panel
+        assert page.locator(f"#{panel}-result a.download").is_hidden(), panel
+    page.set_input_files(
+        "#audio-file", {"name": "notes.wav", "mimeType": "audio/wav", "buffer": b"not audio"}
+    )
+    page.fill("#audio-steps", STEPS)
+    page.click("#audio-run")
+    page.wait_for_function("window.playground.audio.status === 'error'", timeout=60_000)
+    assert page.locator("#audio-error").is_visible()
+    assert page.locator("#audio-result").is_hidden()
+
+
 def test_the_bento_carries_the_playground() -> None:
     # bentoml build selects files with gitignore-style patterns (pathspec), as here.
     import pathspec

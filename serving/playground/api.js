@@ -57,6 +57,12 @@ function authHeaders() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
+// Called whenever the user saves a key (a page part that failed for want of one retries).
+const keySavedListeners = [];
+export function onKeySaved(listener) {
+  keySavedListeners.push(listener);
+}
+
 // One dialog for however many requests got a 401 at the same time.
 let keyPrompt = null;
 export function askForKey(reason) {
@@ -78,6 +84,7 @@ export function askForKey(reason) {
         if (dialog.returnValue === "save" && key) {
           sessionStorage.setItem(KEY_STORAGE, key);
           state.auth.keySet = true;
+          for (const listener of keySavedListeners) listener();
           resolve(true);
         } else {
           resolve(false);

@@ -7,7 +7,7 @@
 // api.js makes the calls (and asks for the API key); state.js holds the page's state,
 // window.playground, read by the browser tests. This module sets the page up.
 
-import { api, askForKey } from "./api.js";
+import { api, askForKey, onKeySaved } from "./api.js";
 import { drawTimeline, startJam, stopJam } from "./jam.js";
 import { audioToAudio, textToAudio } from "./panels.js";
 import { $, state } from "./state.js";
@@ -34,22 +34,31 @@ function bindRangeOutput(inputId, outputId) {
 }
 
 async function loadServiceInfo() {
+  const badge = $("model-info");
+  state.loadError = null;
   try {
     const info = await (await api("model_info")).json();
     state.modelInfo = info;
-    const badge = $("model-info");
     badge.textContent = info.is_tiny
       ? "model: tiny test model (noise, not music)"
       : `model: ${info.model_id} on ${info.device}`;
     badge.classList.toggle("tiny", Boolean(info.is_tiny));
+    badge.classList.remove("failed");
     badge.title = info.note || "";
 
     const listing = await (await api("seed_images")).json();
     state.seedImages = listing.seed_images;
     fillSelect($("jam-seed-image"), listing.seed_images, "seed", "og_beat");
     fillSelect($("jam-mask"), listing.seed_images, "mask", "");
+    $("jam-error").hidden = true;
   } catch (err) {
     state.loadError = err.message;
+    if (!state.modelInfo) {
+      // Never "model: …" forever: say why, and load again once a key is saved.
+      badge.textContent = err.status === 401 ? "model: unknown (no valid API key)" : "model: unknown";
+      badge.classList.add("failed");
+      badge.title = err.message;
+    }
     $("jam-error").textContent = `Could not load the service's seed images: ${err.message}`;
     $("jam-error").hidden = false;
   }
@@ -79,5 +88,8 @@ $("jam-form").addEventListener("submit", (event) => {
 $("text-form").addEventListener("submit", textToAudio);
 $("audio-form").addEventListener("submit", audioToAudio);
 $("api-key-button").addEventListener("click", () => askForKey(""));
+onKeySaved(() => {
+  if (state.loadError) loadServiceInfo();
+});
 drawTimeline();
 loadServiceInfo();
