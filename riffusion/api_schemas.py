@@ -368,6 +368,10 @@ class ServiceSettings(BaseModel):
     shutdown_grace_s: float = Field(default=30.0, gt=0)
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     liveness_grace_s: float = Field(default=90.0, gt=0)
+    # A connection that has not finished its request headers in this time is closed, and
+    # past this many open connections the longest-waiting one is (serving.connection_limits).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=512, ge=1)
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -388,6 +392,8 @@ class ServiceSettings(BaseModel):
             max_concurrency=_env_int("RIFFUSION_MAX_CONCURRENCY", 32),
             request_timeout_s=_env_float("RIFFUSION_REQUEST_TIMEOUT_S", 300.0),
             liveness_grace_s=_env_float("RIFFUSION_LIVENESS_GRACE_S", 90.0),
+            header_timeout_s=_env_float("RIFFUSION_HEADER_TIMEOUT_S", 10.0),
+            max_connections=_env_int("RIFFUSION_MAX_CONNECTIONS", 512),
             batching=cast(Any, env.get("RIFFUSION_BATCHING") or "continuous"),
             postprocess=cast(Any, env.get("RIFFUSION_POSTPROCESS") or None),
             shutdown_grace_s=_env_float("RIFFUSION_SHUTDOWN_GRACE_S", 30.0),
