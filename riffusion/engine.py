@@ -36,74 +36,39 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from riffusion.latents import lerp_float
+from riffusion.contracts import (
+    EngineConfig,
+    EngineObserver,
+    EngineStopped,
+    JobCancelled,
+    JobExpired,
+    JobRefused,
+    PostProcessMode,
+)
+from riffusion.device_policy import device_policy
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
-from riffusion.schemas import DEFAULT_WIDTH, HEIGHT, GenerationJob
+from riffusion.schemas import GenerationJob
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineJob",
+    "EngineObserver",
+    "EngineStopped",
+    "JobCancelled",
+    "JobExpired",
+    "JobRefused",
+    "PostProcessMode",
+    "default_postprocess",
+]
 
 logger = logging.getLogger(__name__)
 
-PostProcessMode = Literal["thread", "inline"]
 # Weight of the newest sample in the step-time and post-processing averages.
 EWMA_WEIGHT = 0.2
-LATENT_SCALE = 8  # image pixels per latent pixel (the VAE's downsampling)
-
-
-class JobRefused(Exception):
-    """The job's deadline cannot be met now; ``retry_after_s`` says when capacity may free up."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class JobExpired(Exception):
-    """The job's deadline passed before it finished denoising."""
-
-
-class JobCancelled(Exception):
-    """The caller cancelled the job."""
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and takes no more jobs."""
-
-
-@dataclass
-class EngineConfig:
-    """How the engine batches and post-processes."""
-
-    max_batch_size: int = 8  # most jobs per denoising step (each is 2 UNet samples)
-    postprocess: PostProcessMode = "thread"
-    default_timeout_s: float = 300.0  # deadline of a job submitted without one
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
-        if self.default_timeout_s <= 0:
-            raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
-
-
-class EngineObserver:
-    """Hooks the engine calls (from its own threads); the default does nothing."""
-
-    def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
-        """One denoising step ran for ``batch_size`` jobs."""
-
-    def on_queue(self, waiting: int, running: int) -> None:
-        """Queue lengths changed."""
-
-    def on_admitted(self, wait_s: float) -> None:
-        """A job started denoising ``wait_s`` after it was submitted."""
-
-    def on_outcome(self, outcome: str, unet_samples: int) -> None:
-        """A job left: completed, refused, expired, cancelled or failed, after ``unet_samples``."""
-
-    def on_deadline_miss(self, late_s: float) -> None:
-        """A job was answered ``late_s`` after its deadline."""
 
 
 @dataclass(eq=False)
@@ -148,19 +113,14 @@ class EngineJob:
 
 
 def default_postprocess(device: torch.device) -> PostProcessMode:
-    """Overlap decode + Griffin-Lim with the next steps on a GPU. On a CPU both would
-    compete for the same cores (torch uses all of them for each), so they run between
-    steps there (docs/benchmarks.md, "Engine", says what is measured)."""
-    return "thread" if device.type == "cuda" else "inline"
+    """The device policy's: overlap decode + Griffin-Lim with the next steps on a GPU;
+    between steps on a CPU, where both would compete for the same cores."""
+    return device_policy(device).postprocess
 
 
 def expected_steps(job: GenerationJob) -> int:
-    """Denoising steps ``job`` will run (img2img runs the last ``steps * denoising``)."""
-    if not job.is_img2img:
-        return job.num_inference_steps
-    alpha = job.alpha if job.end is not None else 0.0
-    denoising = lerp_float(job.start.denoising, job.end_or_start.denoising, alpha)
-    return min(int(job.num_inference_steps * denoising), job.num_inference_steps)
+    """Denoising steps ``job`` will run: its plan's (``GenerationJob.num_steps``)."""
+    return job.num_steps
 
 
 class StepTimes:
@@ -214,12 +174,6 @@ def _bucket(work: int) -> int:
     return 1 << max(0, int(work) - 1).bit_length()
 
 
-def job_work(job: GenerationJob) -> int:
-    """Latent pixels of ``job`` before it is prepared (seed images assumed 512 px wide)."""
-    width = DEFAULT_WIDTH if job.is_img2img else job.width
-    return (HEIGHT // LATENT_SCALE) * (width // LATENT_SCALE)
-
-
 class Engine:
     """Continuous batching over a ``RiffusionPipeline``; ``submit`` from any thread."""
 
@@ -233,7 +187,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.step_times = StepTimes()
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  # over an RLock: submit_together nests submits
         self._waiting: list[tuple[float, int, EngineJob]] = []  # heap by (deadline, order)
         self._running: list[EngineJob] = []
         self._jobs: dict[str, EngineJob] = {}
@@ -257,17 +211,23 @@ class Engine:
         job: GenerationJob,
         timeout_s: float | None = None,
         job_id: str | None = None,
+        waited_s: float = 0.0,
     ) -> EngineJob:
-        """Queue ``job`` to finish within ``timeout_s``; raises ``JobRefused`` if it cannot."""
+        """Queue ``job`` to finish within ``timeout_s``; raises ``JobRefused`` if it cannot.
+
+        ``waited_s``: how long the job already waited before it got here (it counts in
+        its queue wait, not in its deadline, which ``timeout_s`` sets).
+        """
         now = time.monotonic()
         timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
         entry = EngineJob(
             id=job_id or uuid.uuid4().hex,
             job=job,
             deadline=now + timeout,
-            submitted_at=now,
-            expected_steps=expected_steps(job),
-            work=job_work(job),
+            submitted_at=now - max(0.0, waited_s),
+            expected_steps=job.num_steps,
+            # Latent pixels, what one of its steps costs (seed images assumed 512 px wide).
+            work=math.prod(job.latent_size(self.pipeline.vae_scale_factor)),
         )
         with self._lock:
             if self._stopping:
@@ -284,6 +244,21 @@ class Engine:
             heapq.heappush(self._waiting, (entry.deadline, next(self._order), entry))
             self._lock.notify_all()
         return entry
+
+    def submit_together(
+        self, submissions: Sequence[tuple[GenerationJob, float | None, str | None, float]]
+    ) -> list[EngineJob | JobRefused | EngineStopped]:
+        """``submit`` each ``(job, timeout_s, job_id, waited_s)`` at once: the engine thread
+        sees all of them at its next step boundary (a batch gathered elsewhere stays one
+        batch). A refused job gets its exception in its place."""
+        entries: list[EngineJob | JobRefused | EngineStopped] = []
+        with self._lock:  # reentrant: each submit takes it again
+            for job, timeout_s, job_id, waited_s in submissions:
+                try:
+                    entries.append(self.submit(job, timeout_s, job_id, waited_s))
+                except (JobRefused, EngineStopped) as error:
+                    entries.append(error)
+        return entries
 
     def cancel(self, job_id: str) -> bool:
         """Ask the engine to drop ``job_id`` at the next step boundary; False if unknown."""
@@ -471,7 +446,7 @@ class Engine:
             )
         # A GPU decodes and vocodes a group in one call for the price of one; on a CPU the
         # cost grows with every clip anyway, so each clip is answered as soon as it is done.
-        batched = self.pipeline.device.type == "cuda"
+        batched = self.pipeline.policy.batch_together
         key = (lambda e: e.prepared.latent_shape) if batched else (lambda e: e.id)
         for group in group_by(entries, key).values():
             began = time.perf_counter()

@@ -1,8 +1,16 @@
-"""Prompt weighting syntax, and a tokenizer-free bound on a prompt's CLIP tokens.
+"""Prompt weighting syntax and a tokenizer-free bound on a prompt's CLIP tokens (no torch).
 
-No torch: request validation (the API service, the CLI before it loads anything)
-refuses a prompt that surely cannot fit before any model is near.
-:mod:`riffusion.prompts` embeds prompts; the syntax is documented there.
+Syntax (parsed by :func:`parse_prompt_weights`):
+
+- ``(text:1.3)`` multiplies the weight of ``text`` by 1.3 (unsigned decimal numbers);
+- ``(text)`` multiplies it by 1.1, ``[text]`` divides it by 1.1;
+- nesting multiplies: ``((text))`` is 1.21, ``([text])`` is 1.0;
+- ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters;
+- unbalanced brackets never fail: a stray ``)`` or ``]`` is kept as text, and a
+  ``(`` or ``[`` left open weights everything after it, as if closed at the end.
+
+The API service validates prompts with :func:`check_prompt_length` without loading
+torch; :mod:`riffusion.prompts` embeds them.
 """
 
 from __future__ import annotations

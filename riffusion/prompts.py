@@ -1,13 +1,7 @@
 """Prompt weighting syntax and CLIP text embeddings over up to three windows.
 
-Syntax (parsed by :func:`parse_prompt_weights`):
-
-- ``(text:1.3)`` multiplies the weight of ``text`` by 1.3 (unsigned decimal numbers);
-- ``(text)`` multiplies it by 1.1, ``[text]`` divides it by 1.1;
-- nesting multiplies: ``((text))`` is 1.21, ``([text])`` is 1.0;
-- ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters;
-- unbalanced brackets never fail: a stray ``)`` or ``]`` is kept as text, and a
-  ``(`` or ``[`` left open weights everything after it, as if closed at the end.
+The weighting syntax (``(word:1.3)``, ``(word)``, ``[word]``) is parsed in
+:mod:`riffusion.prompt_syntax`, which needs no torch.
 
 Long prompts: tokens are split into 75-token chunks, each wrapped as
 ``<start> chunk <end> <pad>...`` into one 77-token CLIP window and encoded on its
@@ -28,14 +22,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# The syntax and the token bound (torch-free), importable from here as before.
-from riffusion.prompt_syntax import CLIP_WINDOW_TOKENS as CLIP_WINDOW_TOKENS
-from riffusion.prompt_syntax import DEFAULT_MAX_WINDOWS as DEFAULT_MAX_WINDOWS
-from riffusion.prompt_syntax import EMPHASIS as EMPHASIS
-from riffusion.prompt_syntax import MAX_PROMPT_TOKENS as MAX_PROMPT_TOKENS
-from riffusion.prompt_syntax import check_prompt_length as check_prompt_length
-from riffusion.prompt_syntax import min_clip_tokens as min_clip_tokens
-from riffusion.prompt_syntax import parse_prompt_weights as parse_prompt_weights
+from riffusion.prompt_syntax import (
+    CLIP_WINDOW_TOKENS,
+    DEFAULT_MAX_WINDOWS,
+    EMPHASIS,
+    MAX_PROMPT_TOKENS,
+    check_prompt_length,
+    min_clip_tokens,
+    parse_prompt_weights,
+)
+
+__all__ = [
+    "CLIP_WINDOW_TOKENS",
+    "DEFAULT_MAX_WINDOWS",
+    "EMPHASIS",
+    "MAX_PROMPT_TOKENS",
+    "PromptEncoder",
+    "PromptTooLongError",
+    "check_prompt_length",
+    "min_clip_tokens",
+    "parse_prompt_weights",
+]
 
 
 class PromptTooLongError(ValueError):

@@ -26,6 +26,24 @@ WIDTH_MULTIPLE = 8
 MIN_WIDTH, MAX_WIDTH = 64, 2048
 DEFAULT_WIDTH = 512
 HEIGHT = 512  # one row per mel bin
+# The spectrogram format's sample rate and hop (riffusion.spectrogram.SpectrogramParams'
+# defaults), for code that must not load torch.
+SAMPLE_RATE = 44100
+STEP_SIZE_MS = 10
+
+
+def lerp_float(start: float, end: float, alpha: float) -> float:
+    """``start`` to ``end`` at ``alpha``, exact at both ends."""
+    if alpha == 0.0:
+        return start
+    if alpha == 1.0:
+        return end
+    return start * (1.0 - alpha) + end * alpha
+
+
+def img2img_steps(num_inference_steps: int, denoising: float) -> int:
+    """Steps an img2img job runs: the last ``int(steps * denoising)`` of its schedule."""
+    return min(int(num_inference_steps * denoising), num_inference_steps)
 
 
 # Unicode categories a reader can see: letters, numbers, punctuation, symbols. Spaces
@@ -40,23 +58,9 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def _fits_clip(text: str) -> str:
-
-    return check_prompt_length(text)
-
-
 # Checked where the text arrives, so an error names the field and never reaches a batch.
-PromptText = Annotated[str, AfterValidator(_not_blank), AfterValidator(_fits_clip)]
-NegativePromptText = Annotated[str, AfterValidator(_fits_clip)]
-
-ImageId = Annotated[
-    str,
-    Field(
-        pattern=ID_PATTERN,
-        description="Id from the seed-image library (lowercase letters, digits, '_' and '-').",
-        examples=["og_beat"],
-    ),
-]
+PromptText = Annotated[str, AfterValidator(_not_blank), AfterValidator(check_prompt_length)]
+NegativePromptText = Annotated[str, AfterValidator(check_prompt_length)]
 
 
 class SchedulerName(StrEnum):
@@ -147,8 +151,37 @@ class GenerationJob(BaseModel):
     def end_or_start(self) -> PromptInput:
         return self.end if self.end is not None else self.start
 
+    # --- the job's plan: what the pipeline, the engine and its predictions all use ---
 
-def width_for_duration(duration_s: float, step_size_ms: int = 10) -> int:
+    @property
+    def effective_alpha(self) -> float:
+        """Without an end input the job is the start input alone, whatever alpha says."""
+        return self.alpha if self.end is not None else 0.0
+
+    @property
+    def img2img_denoising(self) -> float | None:
+        """Denoising strength lerped at the effective alpha; None without a seed image."""
+        if not self.is_img2img:
+            return None
+        return lerp_float(self.start.denoising, self.end_or_start.denoising, self.effective_alpha)
+
+    @property
+    def num_steps(self) -> int:
+        """Denoising steps the job runs (img2img runs the last ``steps * denoising``)."""
+        denoising = self.img2img_denoising
+        if denoising is None:
+            return self.num_inference_steps
+        return img2img_steps(self.num_inference_steps, denoising)
+
+    def latent_size(self, vae_scale_factor: int, image_width: int | None = None) -> tuple[int, int]:
+        """(height, width) of the job's latents: the seed image's width when known (one
+        is assumed ``DEFAULT_WIDTH`` wide before it is read), else ``width``."""
+        if image_width is None:
+            image_width = DEFAULT_WIDTH if self.is_img2img else self.width
+        return HEIGHT // vae_scale_factor, image_width // vae_scale_factor
+
+
+def width_for_duration(duration_s: float, step_size_ms: int = STEP_SIZE_MS) -> int:
     """Image width (pixels, multiple of 8, within limits) for a clip of ``duration_s``."""
     pixels = round(duration_s * 1000 / step_size_ms / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     return max(MIN_WIDTH, min(MAX_WIDTH, pixels))

@@ -28,15 +28,17 @@ from bentoml.exceptions import BentoMLException
 from bentoml.models import HuggingFaceModel
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from riffusion.models import ModelLoadError, describe_hub_failure
-
 STORE_MODEL_NAME = "riffusion-checkpoint"
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 REVISION_ENV_VAR = "RIFFUSION_MODEL_REVISION"
 
 
-class CheckpointUnavailable(ModelLoadError, BentoMLException):
-    """A ModelLoadError the BentoML CLI reports as one line (it is a BentoMLException)."""
+class CheckpointUnavailable(BentoMLException):
+    """riffusion's ModelLoadError, as one line the BentoML CLI reports (a BentoMLException).
+
+    Not a subclass of it: riffusion.models loads torch, and this module is imported by
+    the API service too (service.py declares the checkpoint), which never does.
+    """
 
     def __str__(self) -> str:
         return f"ModelLoadError: {self.args[0]}"
@@ -63,6 +65,8 @@ class HubCheckpoint(HuggingFaceModel):
         return super().to_info(alias)
 
     def resolve(self, base_path: Any = None) -> str:
+        from riffusion.models import describe_hub_failure  # torch: only when resolving
+
         try:
             return super().resolve(base_path)
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
@@ -79,7 +83,9 @@ def store_checkpoint(tag: str) -> bentoml.models.BentoModel:
 def save_to_model_store(directory: Path) -> str:
     """Copy a local diffusers directory into the BentoML model store; returns its tag."""
     if not (directory / "model_index.json").is_file():
-        raise ModelLoadError(f"{directory} has no model_index.json: not a diffusers directory")
+        raise CheckpointUnavailable(
+            f"{directory} has no model_index.json: not a diffusers directory"
+        )
     with bentoml.models.create(
         STORE_MODEL_NAME, labels={"source": directory.name}, metadata={"layout": "diffusers"}
     ) as model:

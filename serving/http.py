@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -40,8 +42,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from serving.connection_limits import bound_connections
-from serving.errors import error_response, shape_error_body
+from serving.errors import ApiError, error_response, shape_error_body
 from serving.metrics import ForgetDeadOnScrape
+from serving.request_lifetime import RequestLifetime
 from serving.ui import is_ui_path
 
 if TYPE_CHECKING:
@@ -61,6 +64,11 @@ RETRY_AFTER_S = {429: 1, 503: 5}
 # BentoML's own routes besides the API's (the index page, docs); its static assets are
 # known by their files (see ``static_paths``).
 BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/metrics"})
+# The one CORS configuration: this module's outer layer answers preflights and covers
+# what it answers itself (401, 404, 413, 415, probes); BentoML's own layer, given the
+# same settings (``bentoml_http_config``), is what the Bento records.
+CORS_METHODS = ["GET", "POST", "OPTIONS"]
+CORS_EXPOSE_HEADERS = ["X-Riffusion-Pipeline-Seconds", "Retry-After"]
 # Error bodies BentoML writes are small; anything larger is passed through untouched.
 _MAX_SHAPED_BODY = 256 * 1024
 
@@ -553,21 +561,25 @@ def install(
     api_key: str | None,
     max_body_bytes: int,
     liveness_grace_s: float,
+    model_ready: Callable[[], Awaitable[bool]],
+    request_timeout_s: float,
     header_timeout_s: float = 10.0,
     max_connections: int = 512,
-    model_ready: Callable[[], Awaitable[bool]],
     spec_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> ModelProbe:
-    """Put this module's middleware in front of BentoML's for ``service`` (a bentoml.Service).
+    """Put this module's middleware in front of BentoML's for ``service`` (a bentoml.Service),
+    and answer the ``ApiError`` its endpoints raise.
 
     BentoML builds the app when a worker starts (after importing service.py): its
     app factory is wrapped so that, for this service only, the stack goes first.
+    The CORS configuration and every middleware of the API service are here.
     """
     from _bentoml_impl.server.app import ServiceAppFactory
 
     close_bentoml_input_paths()
+    answer_api_errors(service)
     # BentoML's server logging passes INFO for its own loggers only (the root is at
-    # WARNING): the service's INFO lines (client errors, "ready", restarts) need this.
+    # WARNING): the service's INFO lines (client errors, restarts) need this.
     service_logger = logging.getLogger("riffusion")
     if service_logger.level == logging.NOTSET:
         service_logger.setLevel(logging.INFO)
@@ -599,9 +611,9 @@ def install(
             Middleware(
                 CORSMiddleware,
                 allow_origins=cors_origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=CORS_METHODS,
                 allow_headers=["*"],
-                expose_headers=["X-Riffusion-Pipeline-Seconds", "Retry-After"],
+                expose_headers=CORS_EXPOSE_HEADERS,
             ),
             Middleware(ErrorShapeMiddleware),
             Middleware(ProbeMiddleware, probe=probe),
@@ -613,6 +625,7 @@ def install(
         if spec_hook is not None:
             stack.append(Middleware(OpenAPIMiddleware, service=factory.service, hook=spec_hook))
         stack.append(Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes))
+        stack.append(Middleware(RequestLifetime, default_timeout_s=request_timeout_s))
         app.user_middleware[0:0] = stack
         return app
 
@@ -620,6 +633,40 @@ def install(
     build.__wrapped__ = original_call  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = build
     return probe
+
+
+def bentoml_http_config(cors_origins: list[str]) -> dict[str, Any]:
+    """The service decorator's ``http`` argument: BentoML's CORS with this module's settings."""
+    return {
+        "cors": {
+            "enabled": True,
+            "access_control_allow_origins": cors_origins,
+            "access_control_allow_methods": CORS_METHODS,
+            "access_control_allow_headers": ["*"],
+            "access_control_expose_headers": CORS_EXPOSE_HEADERS,
+        }
+    }
+
+
+def answer_api_errors(service: Any) -> None:
+    """Make ``service``'s async endpoints answer the ``ApiError`` they raise in this
+    module's error shape (BentoML would answer any exception as a bare 500)."""
+    for api in service.apis.values():
+        if inspect.iscoroutinefunction(api.func) and not hasattr(api.func, "__wrapped__"):
+            api.func = _answering_errors(service, api.func)
+
+
+def _answering_errors(service: Any, func: Callable[..., Awaitable[Any]]) -> Any:
+    @functools.wraps(func)
+    async def endpoint(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except ApiError as error:
+            # An endpoint taking ctx is answered with ctx's status code.
+            service.context.response.status_code = error.status
+            return error.response()
+
+    return endpoint
 
 
 class OpenAPIMiddleware:

@@ -24,9 +24,9 @@ from typing import Any
 import psutil
 from bentoml.exceptions import BentoMLException
 
-from riffusion.models import ModelLoadError
-
-logger = logging.getLogger("riffusion.service")
+# Under BentoML's logger: its handler prints INFO lines in the server log (the root
+# logger, and so "riffusion.*", stays at WARNING under `bentoml serve`).
+logger = logging.getLogger("bentoml.riffusion")
 READY_POLL_S = 0.5
 
 
@@ -45,6 +45,8 @@ def require_api_key(auth: str, api_key: str | None) -> None:
 
 def refuse_tiny_on_gpu(description: dict[str, Any], allowed: bool) -> None:
     """``description``: ``RiffusionPipeline.describe()`` of the loaded model."""
+    from riffusion.models import ModelLoadError  # model service only: torch
+
     device = str(description.get("device", ""))
     if description.get("is_tiny") and device.startswith("cuda") and not allowed:
         raise ModelLoadError(

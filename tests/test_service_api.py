@@ -24,6 +24,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from load_tests.client import prompt_input, web_app_body
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 CLIP_PX = 64  # seed images cropped to this width: 0.64 s clips
@@ -31,14 +33,9 @@ MAX_UPLOAD_MB = 0.25
 MAX_UPLOAD_SECONDS = 3.0
 MAX_CONCURRENCY = 3
 
-WEB_APP_REQUEST = {
-    "alpha": 0.75,
-    "num_inference_steps": STEPS,
-    "seed_image_id": "og_beat",
-    "mask_image_id": None,
-    "start": {"prompt": "church bells on sunday", "seed": 42, "denoising": 0.75, "guidance": 7.0},
-    "end": {"prompt": "jazz with piano", "seed": 123, "denoising": 0.75, "guidance": 7.0},
-}
+WEB_APP_REQUEST = web_app_body(
+    0.75, prompt_input("church bells on sunday", 42), prompt_input("jazz with piano", 123), STEPS
+)
 
 
 def make_small_library(directory: Path, width: int = CLIP_PX) -> None:
@@ -425,6 +422,7 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
     from bentoml.exceptions import ServiceUnavailable
 
     from riffusion.schemas import GenerationJob, PromptInput
+    from serving.errors import ApiError
 
     service = sys.modules["service"]
     api = service.Riffusion.inner  # the plain class behind the bentoml.Service
@@ -439,8 +437,9 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
 
     fake = SimpleNamespace(model=SimpleNamespace(to_async=SimpleNamespace(submit=failing_submit)))
     job = GenerationJob(start=PromptInput(prompt="x"), num_inference_steps=STEPS, width=64)
-    results, error = asyncio.run(api._generate_or_error(fake, [job]))
-    assert results == [] and error is not None
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(api._generate(fake, [job]))
+    error = raised.value.response()
     assert error.status_code == 503 and error.headers["Retry-After"] == "5"
     # Says what happened (a crashed worker is not "at capacity") and leaks no internals.
     message = json.loads(error.body)["error"]

@@ -33,9 +33,11 @@ from riffusion.riff import (
     CLIP_DURATION_S,
     OVERLAP_S,
     RIFF_DENOISING,
-    count_clips,
+    RiffPlan,
     interpolation_jobs,
+    slice_riff,
     stitch_clips,
+    with_init_image,  # imports torch when it runs: after the checks
 )
 from riffusion.schemas import GenerationJob, PromptInput, SchedulerName, width_for_duration
 from riffusion.seed_images import SeedImageLibrary
@@ -381,8 +383,6 @@ def riff(
     settings: ModelSettings,
 ) -> None:
     """Riff on an audio file of any length: overlapping clips re-imagined, then crossfaded."""
-    from riffusion.riff import plan_riff  # its spectrograms import torch
-
     check_output(output)
     audio = read_audio(input_path)
     start = prompt_input(prompt, seed, negative_prompt, guidance, denoising)
@@ -393,19 +393,26 @@ def riff(
         if end_prompt is not None
         else None
     )
-    num_clips = count_clips(audio, clip_duration, overlap)
+    sliced = slice_riff(
+        audio,
+        start,
+        end,
+        num_inference_steps=settings.steps,
+        clip_duration_s=clip_duration,
+        overlap_s=overlap,
+    )
+    num_clips = len(sliced.jobs)
     stderr.print(f"{input_path}: {audio.duration_s:.2f} s -> {num_clips} clips")
     check_image_ids(None, mask_image_id)
     check_model(settings)
     with stderr.status(f"making the spectrograms of {num_clips} clips ..."):
-        plan = plan_riff(
-            audio,
-            start,
-            end,
-            num_inference_steps=settings.steps,
-            clip_duration_s=clip_duration,
-            overlap_s=overlap,
-            mask_image_id=mask_image_id,
+        plan = RiffPlan(
+            [
+                with_init_image(job, clip, mask_image_id)
+                for job, clip in zip(sliced.jobs, sliced.clips, strict=True)
+            ],
+            sliced.clip_num_frames,
+            sliced.clips,
         )
     jobs = with_scheduler(plan.jobs, settings.scheduler)
     pipeline = load_pipeline(settings)
