@@ -321,7 +321,12 @@ class Riffusion:
 
     @bentoml.api(route="/audio_to_audio", input_spec=AudioToAudioRequest)
     async def audio_to_audio(self, **fields: Any) -> AudioFile:
-        """Re-imagine an uploaded track clip by clip (clips batched), crossfaded back together."""
+        """Re-imagine an uploaded track clip by clip (clips batched), crossfaded back together.
+
+        The answer is mono, whatever the upload's channels: the model was trained on mono
+        spectrograms only, so a stereo track is mixed down before it is riffed (two
+        channels riffed apart would drift into two unrelated tracks).
+        """
         from riffusion.riff import OVERLAP_S, slice_riff, stitch_clips
 
         request = AudioToAudioRequest.model_validate(fields)
@@ -402,6 +407,8 @@ http.install(
     api_key=SETTINGS.api_key,
     max_body_bytes=SETTINGS.max_upload_bytes + http.UPLOAD_OVERHEAD_BYTES,
     liveness_grace_s=SETTINGS.liveness_grace_s,
+    header_timeout_s=SETTINGS.header_timeout_s,
+    max_connections=SETTINGS.max_connections,
     model_ready=answers.model_ready,
     request_timeout_s=SETTINGS.request_timeout_s,
     spec_hook=lambda spec: describe_service(

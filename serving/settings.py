@@ -57,6 +57,10 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, gt=0)
     liveness_grace_s: float = Field(default=90.0, gt=0)
+    # A connection that has not finished its request headers in this time is closed, and
+    # past this many open connections the longest-waiting one is (serving.connection_limits).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=512, ge=1)
     # Comma-separated in the environment.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
 
