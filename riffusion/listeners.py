@@ -10,8 +10,9 @@ and decides at ``open``:
 2. its cost from the engine's measured step times (``StepTimes``): the clips run in
    full batches of ``max_batch_size``, each batch for its jobs' steps, plus their
    decode and Griffin-Lim (after the steps on a CPU, overlapped with them on a GPU);
-3. accept if that cost fits in ``utilization`` of the shortest period, else refuse
-   with a retry hint. Admitted listeners keep their place: a later one is refused,
+3. accept if that cost fits in ``utilization`` of the shortest period (and the
+   listeners stay within ``max_listeners``, an operator's cap), else refuse with a
+   retry hint. Admitted listeners keep their place: a later one is refused,
    never the other way round. Before any step is measured only one listener fits.
 
 Listeners hold a lease renewed by each clip they ask for; one whose API worker died
@@ -60,6 +61,7 @@ class ListenerAdmission:
         max_batch_size: int,
         overlapped_postprocess: bool,
         utilization: float = 0.8,
+        max_listeners: int | None = None,
         lease_s: float = 60.0,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -70,6 +72,7 @@ class ListenerAdmission:
         self.max_batch_size = max_batch_size
         self.overlapped_postprocess = overlapped_postprocess
         self.utilization = utilization
+        self.max_listeners = max_listeners
         self.lease_s = lease_s
         self.window_s = window_s
         self.clock = clock
@@ -90,14 +93,17 @@ class ListenerAdmission:
                 return Decision(True, len(self._listeners), self._load(now), "already admitted")
             others = [d for d, _ in self._listeners.values()]
             load = self._load(now, [*others, demand])
-            unmeasured = not self.step_times.measured and others
-            if unmeasured or load > self.utilization:
+            why = None
+            if self.max_listeners is not None and len(others) >= self.max_listeners:
+                why = f"it serves at most {self.max_listeners} listener(s)"
+            elif not self.step_times.measured and others:
+                why = "the first listener's clips are still being measured"
+            elif load > self.utilization:
                 why = (
-                    "the first listener's clips are still being measured"
-                    if unmeasured
-                    else f"another listener would need {load:.0%} of the device "
+                    f"another listener would need {load:.0%} of the device "
                     f"(at most {self.utilization:.0%} keeps {len(others)} admitted in real time)"
                 )
+            if why is not None:
                 return Decision(
                     False,
                     len(others),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from riffusion.engine import StepTimes
@@ -29,7 +31,7 @@ def measured(step_s: float, per_work_s: float = 0.0, post_per_work_s: float = 0.
     return times
 
 
-def admission(times: StepTimes, clock: Clock, batch: int = 8, **kwargs: float) -> ListenerAdmission:
+def admission(times: StepTimes, clock: Clock, batch: int = 8, **kwargs: Any) -> ListenerAdmission:
     return ListenerAdmission(
         times, max_batch_size=batch, overlapped_postprocess=False, clock=clock, **kwargs
     )
@@ -102,3 +104,9 @@ def test_opening_twice_keeps_one_place() -> None:
     gate = admission(measured(0.0, per_work_s=0.1 / 4096), Clock())
     assert gate.open("same", CLIP).accepted and gate.open("same", CLIP).accepted
     assert gate.listeners() == 1
+
+
+def test_an_operators_cap_refuses_past_it_whatever_the_prediction() -> None:
+    gate = admission(measured(0.0, per_work_s=0.001 / 4096), Clock(), max_listeners=2)
+    assert [gate.open(f"l{i}", CLIP).accepted for i in range(3)] == [True, True, False]
+    assert "at most 2 listener" in gate.open("l3", CLIP).message
