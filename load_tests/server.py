@@ -121,6 +121,7 @@ class LocalServer:
     env: Mapping[str, str | None] = field(default_factory=dict)
     ready_timeout_s: float = 300.0
     port: int = 0
+    repo: Path = REPO_ROOT  # the checkout whose service.py is served
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -136,7 +137,7 @@ class LocalServer:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
-                cwd=REPO_ROOT,
+                cwd=self.repo,
                 env=server_env(self.model, self.env),
                 stdout=log,
                 stderr=subprocess.STDOUT,

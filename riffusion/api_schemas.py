@@ -1,21 +1,33 @@
-"""HTTP request/response models of the Riffusion API and the model-service payloads.
+"""The wire protocol: HTTP request/response models, the model-service payloads and errors.
 
-Plain pydantic (no BentoML imports) so clients, tests and the service share
-one definition. Limits live in the field constraints: a request outside them
-fails validation with the offending field named in the error.
+Plain pydantic (no BentoML, no torch) so clients, tests and both services share one
+definition, and the API service never loads torch. Limits live in the field
+constraints: a request outside them fails validation with the offending field named
+in the error. ``error_reply`` is the one table from a job's exception to its HTTP
+status.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import os
+import logging
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from riffusion.audio import Audio
+from riffusion.contracts import (
+    EngineStopped,
+    InvalidJobError,
+    JobCancelled,
+    JobExpired,
+    JobFieldError,
+    JobRefused,
+)
 from riffusion.schemas import (
     ID_PATTERN,
     MAX_PROMPT_CHARS,
@@ -30,7 +42,9 @@ from riffusion.schemas import (
     PromptText,
     SchedulerName,
 )
-from riffusion.seed_images import ID_OR_EMPTY_PATTERN
+from riffusion.seed_images import ID_OR_EMPTY_PATTERN, UnknownImageError
+
+logger = logging.getLogger(__name__)
 
 AudioFormat = Literal["mp3", "wav", "flac", "ogg"]
 AUDIO_MEDIA_TYPES: dict[str, str] = {
@@ -276,6 +290,98 @@ class ModelInfo(BaseModel):
 # ------------------------------------------------- API service <-> model service
 
 
+class ModelAudio(BaseModel):
+    """Audio between the services: the exact float32 samples."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    samples_f32: bytes = Field(description="float32 little-endian, (channels, frames) order")
+    channels: int
+    sample_rate: int
+
+    @staticmethod
+    def fields_of(audio: Audio) -> dict[str, Any]:
+        samples = np.ascontiguousarray(audio.samples, dtype="<f4")
+        return {
+            "samples_f32": samples.tobytes(),
+            "channels": audio.channels,
+            "sample_rate": audio.sample_rate,
+        }
+
+    @classmethod
+    def from_audio(cls, audio: Audio) -> ModelAudio:
+        return cls(**cls.fields_of(audio))
+
+    def audio(self) -> Audio:
+        flat = np.frombuffer(self.samples_f32, dtype="<f4")
+        return Audio(samples=flat.reshape(self.channels, -1).copy(), sample_rate=self.sample_rate)
+
+
+class ModelResult(ModelAudio):
+    """One generated clip: lossless PNG and the exact float32 samples."""
+
+    image_png: bytes
+    timings: dict[str, float] = Field(default_factory=dict)
+    batch_size: int = 1
+
+    @classmethod
+    def from_parts(
+        cls, image_png: bytes, audio: Audio, timings: dict[str, float], batch_size: int
+    ) -> ModelResult:
+        return cls(
+            image_png=image_png,
+            timings=timings,
+            batch_size=batch_size,
+            **cls.fields_of(audio),
+        )
+
+
+class ModelError(BaseModel):
+    """Why the model service did not produce a clip, as the HTTP answer the API should give."""
+
+    status: int
+    message: str
+    retry_after_s: float | None = Field(default=None, description="for 503: when to retry")
+    field: str | None = Field(
+        default=None, description="the job field at fault, dotted (start.negative_prompt)"
+    )
+
+
+class ModelReply(BaseModel):
+    """One job's answer: a clip or an error (never both)."""
+
+    result: ModelResult | None = None
+    error: ModelError | None = None
+
+
+def error_reply(error: BaseException) -> ModelReply:
+    """The reply for a job that raised ``error``: the one table from a job's exception to
+    the HTTP answer (unexpected errors are logged, not echoed)."""
+    if isinstance(error, JobRefused):
+        return _reply(HTTPStatus.SERVICE_UNAVAILABLE, str(error), error.retry_after_s)
+    if isinstance(error, EngineStopped):
+        return _reply(HTTPStatus.SERVICE_UNAVAILABLE, str(error), 5.0)
+    if isinstance(error, JobExpired):
+        return _reply(HTTPStatus.GATEWAY_TIMEOUT, str(error))
+    if isinstance(error, JobFieldError):
+        return _reply(HTTPStatus.BAD_REQUEST, str(error), field=error.field)
+    if isinstance(error, JobCancelled | asyncio.CancelledError):
+        # Its caller is normally gone; one still waiting may retry.
+        return _reply(HTTPStatus.SERVICE_UNAVAILABLE, "the clip was cancelled", 1.0)
+    if isinstance(error, InvalidJobError | UnknownImageError | ValueError):
+        return _reply(HTTPStatus.BAD_REQUEST, str(error))
+    logger.error("job failed in the model service", exc_info=error)
+    return _reply(HTTPStatus.INTERNAL_SERVER_ERROR, "the model service failed on this clip")
+
+
+def _reply(
+    status: int, message: str, retry_after_s: float | None = None, field: str | None = None
+) -> ModelReply:
+    return ModelReply(
+        error=ModelError(status=status, message=message, retry_after_s=retry_after_s, field=field)
+    )
+
+
 class ModelRequest(BaseModel):
     """One job sent to the model service, stamped so the queue wait can be measured."""
 
@@ -287,105 +393,28 @@ class ModelRequest(BaseModel):
     timeout_s: float | None = Field(
         default=None, ge=0, description="Seconds left to answer it (the engine's deadline)."
     )
+    init_audio: ModelAudio | None = Field(
+        default=None,
+        description=(
+            "Audio-to-audio: the source clip, whose spectrogram the model service makes "
+            "into the job's init image (the API service never loads torch)."
+        ),
+    )
+    due_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="A listener's clip: seconds until their buffer runs dry (served first).",
+    )
+    listener_id: str | None = Field(
+        default=None, max_length=64, description="The admitted listener this clip is for."
+    )
 
 
-class ModelResult(BaseModel):
-    """One generated clip: lossless PNG and the exact float32 samples."""
+class ListenerDecision(BaseModel):
+    """The model service's answer to a listener asking for a place."""
 
-    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
-
-    image_png: bytes
-    samples_f32: bytes = Field(description="float32 little-endian, (channels, frames) order")
-    channels: int
-    sample_rate: int
-    timings: dict[str, float] = Field(default_factory=dict)
-    batch_size: int = 1
-
-    @classmethod
-    def from_parts(
-        cls, image_png: bytes, audio: Audio, timings: dict[str, float], batch_size: int
-    ) -> ModelResult:
-        samples = np.ascontiguousarray(audio.samples, dtype="<f4")
-        return cls(
-            image_png=image_png,
-            samples_f32=samples.tobytes(),
-            channels=audio.channels,
-            sample_rate=audio.sample_rate,
-            timings=timings,
-            batch_size=batch_size,
-        )
-
-    def audio(self) -> Audio:
-        flat = np.frombuffer(self.samples_f32, dtype="<f4")
-        return Audio(samples=flat.reshape(self.channels, -1).copy(), sample_rate=self.sample_rate)
-
-
-# ------------------------------------------------------------------ settings
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    try:
-        return default if raw in (None, "") else int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return default if raw in (None, "") else float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
-
-
-class ServiceSettings(BaseModel):
-    """Service configuration, read from ``RIFFUSION_*`` environment variables."""
-
-    model: str = "riffusion/riffusion-model-v1"
-    unet_backend: Literal["eager", "traced", "compiled"] = "eager"
-    device: str | None = None
-    max_batch_size: int = Field(default=8, ge=1)
-    max_latency_ms: int = Field(default=60_000, ge=1)
-    api_key: str | None = None
-    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
-    max_upload_duration_s: float = Field(default=120.0, gt=0)
-    max_concurrency: int = Field(default=32, ge=1)
-    request_timeout_s: float = Field(default=300.0, gt=0)
-    batching: Literal["continuous", "adaptive", "off"] = "continuous"
-    # Engine post-processing: "thread" overlaps it with the next steps, "inline" runs it
-    # between steps; None picks by device (see riffusion.engine.default_postprocess).
-    postprocess: Literal["thread", "inline"] | None = None
-    shutdown_grace_s: float = Field(default=30.0, gt=0)
-    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
-    liveness_grace_s: float = Field(default=90.0, gt=0)
-
-    @classmethod
-    def from_env(cls) -> ServiceSettings:
-        env = os.environ
-        return cls(
-            model=env.get("RIFFUSION_MODEL") or "riffusion/riffusion-model-v1",
-            unet_backend=cast(Any, env.get("RIFFUSION_UNET_BACKEND") or "eager"),
-            device=env.get("RIFFUSION_DEVICE") or None,
-            max_batch_size=_env_int("RIFFUSION_MAX_BATCH_SIZE", 8),
-            max_latency_ms=_env_int("RIFFUSION_MAX_LATENCY_MS", 60_000),
-            api_key=env.get("RIFFUSION_API_KEY") or None,
-            max_upload_bytes=int(_env_float("RIFFUSION_MAX_UPLOAD_MB", 20.0) * 1024 * 1024),
-            max_upload_duration_s=_env_float("RIFFUSION_MAX_UPLOAD_SECONDS", 120.0),
-            max_concurrency=_env_int("RIFFUSION_MAX_CONCURRENCY", 32),
-            request_timeout_s=_env_float("RIFFUSION_REQUEST_TIMEOUT_S", 300.0),
-            liveness_grace_s=_env_float("RIFFUSION_LIVENESS_GRACE_S", 90.0),
-            batching=cast(Any, env.get("RIFFUSION_BATCHING") or "continuous"),
-            postprocess=cast(Any, env.get("RIFFUSION_POSTPROCESS") or None),
-            shutdown_grace_s=_env_float("RIFFUSION_SHUTDOWN_GRACE_S", 30.0),
-            cors_origins=[
-                origin.strip()
-                for origin in (env.get("RIFFUSION_CORS_ORIGINS") or "*").split(",")
-                if origin.strip()
-            ],
-        )
-
-    @property
-    def is_hub_model(self) -> bool:
-        """A hub id (``owner/name``), as opposed to ``tiny`` or a local directory."""
-        return self.model != "tiny" and not Path(self.model).expanduser().exists()
+    accepted: bool
+    message: str
+    retry_after_s: float | None = None
+    listeners: int = Field(description="Listeners admitted after this decision.")
+    load: float = Field(description="Predicted busy fraction of the device with the new one.")

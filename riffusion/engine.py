@@ -37,74 +37,40 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from riffusion.contracts import (
+    EngineConfig,
+    EngineObserver,
+    EngineStopped,
+    JobCancelled,
+    JobExpired,
+    JobRefused,
+    PostProcessMode,
+)
 from riffusion.latents import lerp_float
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
 from riffusion.schemas import DEFAULT_WIDTH, HEIGHT, GenerationJob
 
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineJob",
+    "EngineObserver",
+    "EngineStopped",
+    "JobCancelled",
+    "JobExpired",
+    "JobRefused",
+    "PostProcessMode",
+    "default_postprocess",
+]
+
 logger = logging.getLogger(__name__)
 
-PostProcessMode = Literal["thread", "inline"]
 # Weight of the newest sample in the step-time and post-processing averages.
 EWMA_WEIGHT = 0.2
 LATENT_SCALE = 8  # image pixels per latent pixel (the VAE's downsampling)
-
-
-class JobRefused(Exception):
-    """The job's deadline cannot be met now; ``retry_after_s`` says when capacity may free up."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class JobExpired(Exception):
-    """The job's deadline passed before it finished denoising."""
-
-
-class JobCancelled(Exception):
-    """The caller cancelled the job."""
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and takes no more jobs."""
-
-
-@dataclass
-class EngineConfig:
-    """How the engine batches and post-processes."""
-
-    max_batch_size: int = 8  # most jobs per denoising step (each is 2 UNet samples)
-    postprocess: PostProcessMode = "thread"
-    default_timeout_s: float = 300.0  # deadline of a job submitted without one
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
-        if self.default_timeout_s <= 0:
-            raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
-
-
-class EngineObserver:
-    """Hooks the engine calls (from its own threads); the default does nothing."""
-
-    def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
-        """One denoising step ran for ``batch_size`` jobs."""
-
-    def on_queue(self, waiting: int, running: int) -> None:
-        """Queue lengths changed."""
-
-    def on_admitted(self, wait_s: float) -> None:
-        """A job started denoising ``wait_s`` after it was submitted."""
-
-    def on_outcome(self, outcome: str, unet_samples: int) -> None:
-        """A job left: completed, refused, expired, cancelled or failed, after ``unet_samples``."""
-
-    def on_deadline_miss(self, late_s: float) -> None:
-        """A job was answered ``late_s`` after its deadline."""
 
 
 @dataclass(eq=False)
@@ -235,7 +201,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.step_times = StepTimes()
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  # over an RLock: submit_together nests submits
         self._waiting: list[tuple[float, int, EngineJob]] = []  # heap by (deadline, order)
         self._running: list[EngineJob] = []
         self._jobs: dict[str, EngineJob] = {}
@@ -260,12 +226,14 @@ class Engine:
         timeout_s: float | None = None,
         job_id: str | None = None,
         due_s: float | None = None,
+        waited_s: float = 0.0,
     ) -> EngineJob:
         """Queue ``job`` to finish within ``timeout_s``; raises ``JobRefused`` if it cannot.
 
         ``due_s`` (at most ``timeout_s``) orders it before jobs due later without making
         it expire then: a listener's clip is due when their buffer runs dry, and still
-        wanted a little after.
+        wanted a little after. ``waited_s``: how long the job already waited before it
+        got here (it counts in its queue wait, not in its deadline, which ``timeout_s`` sets).
         """
         now = time.monotonic()
         timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
@@ -273,7 +241,7 @@ class Engine:
             id=job_id or uuid.uuid4().hex,
             job=job,
             deadline=now + timeout,
-            submitted_at=now,
+            submitted_at=now - max(0.0, waited_s),
             due=now + (timeout if due_s is None else min(max(due_s, 0.0), timeout)),
             expected_steps=expected_steps(job),
             work=job_work(job),
@@ -293,6 +261,22 @@ class Engine:
             heapq.heappush(self._waiting, (entry.due, next(self._order), entry))
             self._lock.notify_all()
         return entry
+
+    def submit_together(
+        self,
+        submissions: Sequence[tuple[GenerationJob, float | None, str | None, float, float | None]],
+    ) -> list[EngineJob | JobRefused | EngineStopped]:
+        """``submit`` each ``(job, timeout_s, job_id, waited_s, due_s)`` at once: the engine
+        thread sees all of them at its next step boundary (a batch gathered elsewhere stays
+        one batch). A refused job gets its exception in its place."""
+        entries: list[EngineJob | JobRefused | EngineStopped] = []
+        with self._lock:  # reentrant: each submit takes it again
+            for job, timeout_s, job_id, waited_s, due_s in submissions:
+                try:
+                    entries.append(self.submit(job, timeout_s, job_id, due_s, waited_s))
+                except (JobRefused, EngineStopped) as error:
+                    entries.append(error)
+        return entries
 
     def cancel(self, job_id: str) -> bool:
         """Ask the engine to drop ``job_id`` at the next step boundary; False if unknown."""
@@ -475,9 +459,7 @@ class Engine:
         """
         now = time.monotonic()
         with self._lock:
-            entries = sorted(
-                (e for e in entries if not self._dropped(e, now)), key=lambda e: e.due
-            )
+            entries = sorted((e for e in entries if not self._dropped(e, now)), key=lambda e: e.due)
         # A GPU decodes and vocodes a group in one call for the price of one; on a CPU the
         # cost grows with every clip anyway, so each clip is answered as soon as it is done.
         batched = self.pipeline.device.type == "cuda"

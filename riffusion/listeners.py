@@ -29,7 +29,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from riffusion.engine import StepTimes
+from riffusion.engine import StepTimes, expected_steps, job_work
+from riffusion.schemas import DEFAULT_WIDTH, GenerationJob
 
 RETRY_AFTER_S = 30.0  # listeners stay for minutes: the hint for a refused one
 
@@ -41,6 +42,12 @@ class Demand:
     steps: int
     work: int
     period_s: float
+
+
+def demand_of(job: GenerationJob, step_ms: float = 10.0) -> Demand:
+    """One clip like ``job`` every clip length (one image pixel per ``step_ms``)."""
+    width = DEFAULT_WIDTH if job.is_img2img else job.width
+    return Demand(expected_steps(job), job_work(job), width * step_ms / 1000)
 
 
 @dataclass(frozen=True)

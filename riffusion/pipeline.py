@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
+from riffusion.contracts import InvalidJobError
 from riffusion.heap import release_freed_memory
 from riffusion.latents import (
     LATENT_CHANNELS,
@@ -79,10 +80,6 @@ logger = logging.getLogger(__name__)
 # Called after every UNet forward with (job-steps done, job-steps in total).
 ProgressCallback = Callable[[int, int], None]
 SEED_LATENT_CACHE_SIZE = 64
-
-
-class InvalidJobError(ValueError):
-    """A generation job that cannot run; the message names the job and the problem."""
 
 
 @dataclass

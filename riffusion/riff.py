@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,17 +20,20 @@ from riffusion.audio import Audio, AudioError, crossfade_clips, resample, slice_
 from riffusion.schemas import (
     MAX_WIDTH,
     MIN_WIDTH,
+    SAMPLE_RATE,
+    STEP_SIZE_MS,
     WIDTH_MULTIPLE,
     GenerationJob,
     PromptInput,
 )
-from riffusion.spectrogram import SpectrogramParams, encode_image, image_from_audio
+
+if TYPE_CHECKING:
+    from riffusion.spectrogram import SpectrogramParams
 
 CLIP_DURATION_S = 5.12
 OVERLAP_S = 0.2
 # Denoising that changes the sound while keeping the source recognisable.
 RIFF_DENOISING = 0.5
-DEFAULT_PARAMS = SpectrogramParams()
 
 
 def alphas_along(num_clips: int) -> list[float]:
@@ -48,17 +52,21 @@ def _with_default_denoising(prompt_input: PromptInput, denoising: float) -> Prom
     return prompt_input.model_copy(update={"denoising": denoising})
 
 
-def prepare_track(audio: Audio, params: SpectrogramParams = DEFAULT_PARAMS) -> Audio:
+def prepare_track(audio: Audio, sample_rate: int = SAMPLE_RATE) -> Audio:
     """Mono at the spectrogram's sample rate: the model only knows mono spectrograms."""
     mono = to_mono(audio) if audio.channels > 1 else audio
-    return resample(mono, params.sample_rate) if mono.sample_rate != params.sample_rate else mono
+    return resample(mono, sample_rate) if mono.sample_rate != sample_rate else mono
 
 
-def clip_init_image_png(clip: Audio, params: SpectrogramParams = DEFAULT_PARAMS) -> bytes:
+def clip_init_image_png(clip: Audio, params: SpectrogramParams | None = None) -> bytes:
     """A clip's spectrogram as PNG, cropped to a whole number of latent pixels (8 px).
 
     Clips shorter than the model's minimum width are padded with silence first.
+    Needs torch (the model side of the service makes these).
     """
+    from riffusion.spectrogram import SpectrogramParams, encode_image, image_from_audio
+
+    params = params or SpectrogramParams()
     min_frames = (MIN_WIDTH - 1) * params.hop_length
     if clip.num_frames < min_frames:
         padding = np.zeros((clip.channels, min_frames - clip.num_frames), dtype=np.float32)
@@ -70,10 +78,65 @@ def clip_init_image_png(clip: Audio, params: SpectrogramParams = DEFAULT_PARAMS)
 
 @dataclass(frozen=True)
 class RiffPlan:
-    """The jobs for a track, and each source clip's length for ``stitch_clips``."""
+    """The jobs for a track, each one's source clip, and their lengths for ``stitch_clips``.
+
+    A job's init image is its clip's spectrogram (``with_init_image``): ``plan_riff``
+    makes them; the service sends the clips and the model service makes them there.
+    """
 
     jobs: list[GenerationJob]
     clip_num_frames: list[int]  # samples at the spectrogram's sample rate
+    clips: list[Audio]
+
+
+def slice_riff(
+    audio: Audio,
+    start: PromptInput,
+    end: PromptInput | None = None,
+    *,
+    num_inference_steps: int = 50,
+    clip_duration_s: float = CLIP_DURATION_S,
+    overlap_s: float = OVERLAP_S,
+    denoising: float = RIFF_DENOISING,
+    sample_rate: int = SAMPLE_RATE,
+    step_size_ms: int = STEP_SIZE_MS,
+) -> RiffPlan:
+    """One job per overlapping clip of ``audio``, in track order, without its init image.
+
+    ``denoising`` applies to a prompt input that does not set its own. With an
+    ``end`` input, alpha walks from 0 on the first clip to 1 on the last. The
+    track is mixed down, resampled and sliced once. Needs no torch.
+    """
+    max_duration_s = MAX_WIDTH * step_size_ms / 1000
+    if not 0 < clip_duration_s <= max_duration_s:
+        raise AudioError(
+            f"clip duration must be in (0, {max_duration_s}] s, got {clip_duration_s} s"
+        )
+    clips = slice_clips(prepare_track(audio, sample_rate), clip_duration_s, overlap_s)
+    start = _with_default_denoising(start, denoising)
+    end = _with_default_denoising(end, denoising) if end is not None else None
+    alphas = alphas_along(len(clips)) if end is not None else [0.0] * len(clips)
+    jobs = [
+        GenerationJob(start=start, end=end, alpha=alpha, num_inference_steps=num_inference_steps)
+        for alpha in alphas
+    ]
+    return RiffPlan(jobs, [clip.num_frames for clip in clips], clips)
+
+
+def with_init_image(
+    job: GenerationJob,
+    clip: Audio,
+    mask_image_id: str | None = None,
+    params: SpectrogramParams | None = None,
+) -> GenerationJob:
+    """``job`` starting from ``clip``'s spectrogram (and ``mask_image_id``). Needs torch."""
+    return GenerationJob(
+        **{
+            **dict(job),
+            "init_image_png": clip_init_image_png(clip, params),
+            "mask_image_id": mask_image_id,
+        }
+    )
 
 
 def plan_riff(
@@ -86,35 +149,29 @@ def plan_riff(
     overlap_s: float = OVERLAP_S,
     denoising: float = RIFF_DENOISING,
     mask_image_id: str | None = None,
-    params: SpectrogramParams = DEFAULT_PARAMS,
+    params: SpectrogramParams | None = None,
 ) -> RiffPlan:
-    """One img2img job per overlapping clip of ``audio``, in track order.
+    """``slice_riff``, each job with its init image: one img2img job per overlapping clip."""
+    if params is None:
+        from riffusion.spectrogram import SpectrogramParams
 
-    ``denoising`` applies to a prompt input that does not set its own. With an
-    ``end`` input, alpha walks from 0 on the first clip to 1 on the last. The
-    track is mixed down, resampled and sliced once.
-    """
-    max_duration_s = MAX_WIDTH * params.step_size_ms / 1000
-    if not 0 < clip_duration_s <= max_duration_s:
-        raise AudioError(
-            f"clip duration must be in (0, {max_duration_s}] s, got {clip_duration_s} s"
-        )
-    clips = slice_clips(prepare_track(audio, params), clip_duration_s, overlap_s)
-    start = _with_default_denoising(start, denoising)
-    end = _with_default_denoising(end, denoising) if end is not None else None
-    alphas = alphas_along(len(clips)) if end is not None else [0.0] * len(clips)
+        params = SpectrogramParams()
+    plan = slice_riff(
+        audio,
+        start,
+        end,
+        num_inference_steps=num_inference_steps,
+        clip_duration_s=clip_duration_s,
+        overlap_s=overlap_s,
+        denoising=denoising,
+        sample_rate=params.sample_rate,
+        step_size_ms=params.step_size_ms,
+    )
     jobs = [
-        GenerationJob(
-            start=start,
-            end=end,
-            alpha=alpha,
-            num_inference_steps=num_inference_steps,
-            init_image_png=clip_init_image_png(clip, params),
-            mask_image_id=mask_image_id,
-        )
-        for clip, alpha in zip(clips, alphas, strict=True)
+        with_init_image(job, clip, mask_image_id, params)
+        for job, clip in zip(plan.jobs, plan.clips, strict=True)
     ]
-    return RiffPlan(jobs, [clip.num_frames for clip in clips])
+    return RiffPlan(jobs, plan.clip_num_frames, plan.clips)
 
 
 def interpolation_jobs(
@@ -177,5 +234,7 @@ __all__ = [
     "interpolation_jobs",
     "plan_riff",
     "prepare_track",
+    "slice_riff",
     "stitch_clips",
+    "with_init_image",
 ]

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from riffusion.prompt_syntax import check_prompt_length
 from riffusion.seed_images import ID_PATTERN
 
 MAX_PROMPT_CHARS = 1000
@@ -24,6 +25,10 @@ WIDTH_MULTIPLE = 8
 MIN_WIDTH, MAX_WIDTH = 64, 2048
 DEFAULT_WIDTH = 512
 HEIGHT = 512  # one row per mel bin
+# The spectrogram format's sample rate and hop (riffusion.spectrogram.SpectrogramParams'
+# defaults), for code that must not load torch.
+SAMPLE_RATE = 44100
+STEP_SIZE_MS = 10
 
 
 def _not_blank(text: str) -> str:
@@ -32,24 +37,9 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def _fits_clip(text: str) -> str:
-    from riffusion.prompts import check_prompt_length  # torch: only when validating
-
-    return check_prompt_length(text)
-
-
 # Checked where the text arrives, so an error names the field and never reaches a batch.
-PromptText = Annotated[str, AfterValidator(_not_blank), AfterValidator(_fits_clip)]
-NegativePromptText = Annotated[str, AfterValidator(_fits_clip)]
-
-ImageId = Annotated[
-    str,
-    Field(
-        pattern=ID_PATTERN,
-        description="Id from the seed-image library (lowercase letters, digits, '_' and '-').",
-        examples=["og_beat"],
-    ),
-]
+PromptText = Annotated[str, AfterValidator(_not_blank), AfterValidator(check_prompt_length)]
+NegativePromptText = Annotated[str, AfterValidator(check_prompt_length)]
 
 
 class SchedulerName(StrEnum):
@@ -141,7 +131,7 @@ class GenerationJob(BaseModel):
         return self.end if self.end is not None else self.start
 
 
-def width_for_duration(duration_s: float, step_size_ms: int = 10) -> int:
+def width_for_duration(duration_s: float, step_size_ms: int = STEP_SIZE_MS) -> int:
     """Image width (pixels, multiple of 8, within limits) for a clip of ``duration_s``."""
     pixels = round(duration_s * 1000 / step_size_ms / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     return max(MIN_WIDTH, min(MAX_WIDTH, pixels))

@@ -43,14 +43,14 @@ def is_valid_image_id(image_id: str) -> bool:
     return bool(_ID_RE.match(image_id))
 
 
+# The project's own library; RIFFUSION_SEED_IMAGES_DIR overrides it, read when a
+# library is opened (not at import).
+SEED_IMAGES_DIR: Path = Path(__file__).resolve().parent.parent / "seed_images"
+
+
 def _default_directory() -> Path:
     override = os.environ.get("RIFFUSION_SEED_IMAGES_DIR")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "seed_images"
-
-
-SEED_IMAGES_DIR: Path = _default_directory()
+    return Path(override) if override else SEED_IMAGES_DIR
 
 
 class SeedImageError(ValueError):

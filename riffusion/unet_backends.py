@@ -24,18 +24,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from riffusion.contracts import UNET_BACKENDS, UNetBackend
 from riffusion.models import RiffusionComponents, hub_offline
 
 logger = logging.getLogger(__name__)
 
-UNetBackend = Literal["eager", "traced", "compiled"]
 UNetFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
-UNET_BACKENDS: tuple[str, ...] = get_args(UNetBackend)
 
 TRACED_UNET_DIR = "unet_traced"
 TRACED_UNET_FILE = "unet_traced.pt"

@@ -1,14 +1,16 @@
-"""One JSON error shape for every 4xx/5xx answer of the API service.
+"""One JSON error shape for every 4xx/5xx answer of the API service, and ``ApiError``.
 
 ``{"error": "<field>: <message>", "detail": [{"loc": [<field>], "msg": ..., "type": ...}]}``,
 the same shape as BentoML's own validation errors, so clients parse one format.
+Endpoints raise ``ApiError``; ``serving.http.install`` renders it, in one place.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from starlette.responses import JSONResponse
 
@@ -32,10 +34,28 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def failed(ctx: Any, response: JSONResponse) -> Any:
-    """Return an error from an API that takes ``ctx``: BentoML applies ctx's status code."""
-    ctx.response.status_code = response.status_code
-    return response
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, the request ``field`` at fault (dotted, or None),
+    the message, and for a 503 when to retry. Raised by endpoints and their helpers."""
+
+    def __init__(
+        self,
+        status: int,
+        field: str | None,
+        message: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status = status
+        self.field = field
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> JSONResponse:
+        headers = None
+        if self.retry_after_s is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return cast(JSONResponse, error_response(self.status, self.field, self.message, headers))
 
 
 def _is_shaped(body: Any) -> bool:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -37,7 +39,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from serving.errors import error_response, shape_error_body
+from serving.errors import ApiError, error_response, shape_error_body
+from serving.request_lifetime import RequestLifetime
 from serving.ui import is_ui_path
 
 if TYPE_CHECKING:
@@ -430,16 +433,20 @@ def install(
     max_body_bytes: int,
     liveness_grace_s: float,
     model_ready: Callable[[], Awaitable[bool]],
+    request_timeout_s: float,
     spec_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> ModelProbe:
-    """Put this module's middleware in front of BentoML's for ``service`` (a bentoml.Service).
+    """Put this module's middleware in front of BentoML's for ``service`` (a bentoml.Service),
+    and answer the ``ApiError`` its endpoints raise.
 
     BentoML builds the app when a worker starts (after importing service.py): its
     app factory is wrapped so that, for this service only, the stack goes first.
+    The CORS configuration and every middleware of the API service are here.
     """
     from _bentoml_impl.server.app import ServiceAppFactory
 
     close_bentoml_input_paths()
+    answer_api_errors(service)
     probe = ModelProbe(model_ready, grace_s=liveness_grace_s)
     original_call = ServiceAppFactory.__call__
     if getattr(original_call, "_riffusion_wrapped", False):
@@ -479,6 +486,7 @@ def install(
         if spec_hook is not None:
             stack.append(Middleware(OpenAPIMiddleware, service=factory.service, hook=spec_hook))
         stack.append(Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes))
+        stack.append(Middleware(RequestLifetime, default_timeout_s=request_timeout_s))
         app.user_middleware[0:0] = stack
         return app
 
@@ -486,6 +494,27 @@ def install(
     build.__wrapped__ = original_call  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = build
     return probe
+
+
+def answer_api_errors(service: Any) -> None:
+    """Make ``service``'s async endpoints answer the ``ApiError`` they raise in this
+    module's error shape (BentoML would answer any exception as a bare 500)."""
+    for api in service.apis.values():
+        if inspect.iscoroutinefunction(api.func) and not hasattr(api.func, "__wrapped__"):
+            api.func = _answering_errors(service, api.func)
+
+
+def _answering_errors(service: Any, func: Callable[..., Awaitable[Any]]) -> Any:
+    @functools.wraps(func)
+    async def endpoint(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except ApiError as error:
+            # An endpoint taking ctx is answered with ctx's status code.
+            service.context.response.status_code = error.status
+            return error.response()
+
+    return endpoint
 
 
 class OpenAPIMiddleware:

@@ -6,9 +6,10 @@ remaining time as the clip's deadline. If the request goes away (client
 disconnect, timeout, a sibling clip failing), the clips still running are
 cancelled in the model service, so they stop using the UNet within one step.
 
-Model side: every job gets a ``ModelReply``, a clip or a typed error, so one bad
-job never fails its batch-mates; a job the model would refuse (a prompt over the
-tokenizer's limit) is refused before it enters the batch, naming the job field.
+Model side (``run_in_engine``, the one path in every batching mode): every job gets
+a ``ModelReply``, a clip or a typed error; the engine fails a bad job alone, and a
+job the model would refuse (a prompt over the tokenizer's limit) is refused before
+it enters the engine, naming the job field. Torch is imported there only.
 """
 
 from __future__ import annotations
@@ -17,42 +18,36 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from pydantic import BaseModel, Field
+import anyio
 
-from riffusion.api_schemas import ModelRequest, ModelResult
+from riffusion.api_schemas import (
+    ListenerDecision,
+    ModelAudio,
+    ModelError,
+    ModelReply,
+    ModelRequest,
+    ModelResult,
+    error_reply,
+)
+from riffusion.audio import Audio
+from riffusion.contracts import JobFieldError
 from riffusion.schemas import GenerationJob
 from serving.metrics import CLIP_LATENCY, CLIPS_IN_FLIGHT
 from serving.request_lifetime import REQUEST_DEADLINE
+from serving.settings import BatchingMode
 
 if TYPE_CHECKING:
+    from riffusion.engine import Engine, EngineJob
+    from riffusion.listeners import ListenerAdmission
+    from riffusion.pipeline import GeneratedClip
     from riffusion.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
-
-BatchingMode = Literal["continuous", "adaptive", "off"]
-
-
-class ModelError(BaseModel):
-    """Why the model service did not produce a clip, as the HTTP answer the API should give."""
-
-    status: int
-    message: str
-    retry_after_s: float | None = Field(default=None, description="for 503: when to retry")
-    field: str | None = Field(
-        default=None, description="the job field at fault, dotted (start.negative_prompt)"
-    )
-
-
-class ModelReply(BaseModel):
-    """One job's answer: a clip or an error (never both)."""
-
-    result: ModelResult | None = None
-    error: ModelError | None = None
 
 
 class ModelCallError(Exception):
@@ -66,21 +61,13 @@ class ModelCallError(Exception):
 # --- model side --------------------------------------------------------------------------------
 
 
-class JobFieldError(ValueError):
-    """A job the model service refuses before running it; ``field`` is the dotted job field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
 def check_prompt_tokens(encoder: PromptEncoder, job: GenerationJob) -> None:
     """Raise ``JobFieldError`` for the first prompt of ``job`` its real tokenizer cannot fit.
 
     The API only checks a tokenizer-free lower bound; this counts the model's own
     tokens (cached, so the job's later embedding does not tokenise again).
     """
-    from riffusion.prompts import PromptTooLongError  # torch: model side only
+    from riffusion.prompts import PromptTooLongError  # torch: the model service only
 
     for side, prompt_input in (("start", job.start), ("end", job.end)):
         if prompt_input is None:
@@ -99,79 +86,94 @@ def check_prompt_tokens(encoder: PromptEncoder, job: GenerationJob) -> None:
                 ) from error
 
 
-def error_reply(error: BaseException) -> ModelReply:
-    """The reply for a job that raised ``error`` (unexpected errors are logged, not echoed)."""
-    from riffusion.engine import EngineStopped, JobCancelled, JobExpired, JobRefused
-    from riffusion.pipeline import InvalidJobError
-    from riffusion.seed_images import UnknownImageError
+def model_job(request: ModelRequest) -> GenerationJob:
+    """The job to run: an audio-to-audio job starts from its source clip's spectrogram."""
+    from riffusion.riff import with_init_image  # torch: the model service only
 
-    if isinstance(error, JobRefused):
-        return _error(HTTPStatus.SERVICE_UNAVAILABLE, str(error), error.retry_after_s)
-    if isinstance(error, EngineStopped):
-        return _error(HTTPStatus.SERVICE_UNAVAILABLE, str(error), 5.0)
-    if isinstance(error, JobExpired):
-        return _error(HTTPStatus.GATEWAY_TIMEOUT, str(error))
-    if isinstance(error, JobFieldError):
-        return _error(HTTPStatus.BAD_REQUEST, str(error), field=error.field)
-    if isinstance(error, JobCancelled | asyncio.CancelledError):
-        # Its caller is normally gone; one still waiting may retry.
-        return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the clip was cancelled", 1.0)
-    if isinstance(error, InvalidJobError | UnknownImageError | ValueError):
-        return _error(HTTPStatus.BAD_REQUEST, str(error))
-    logger.error("job failed in the model service", exc_info=error)
-    return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "the model service failed on this clip")
+    if request.init_audio is None:
+        return request.job
+    return with_init_image(request.job, request.init_audio.audio())
 
 
-def _error(
-    status: int, message: str, retry_after_s: float | None = None, field: str | None = None
-) -> ModelReply:
-    return ModelReply(
-        error=ModelError(status=status, message=message, retry_after_s=retry_after_s, field=field)
+def model_result(clip: GeneratedClip) -> ModelResult:
+    """The clip as sent back to the API service: lossless PNG and float32 samples."""
+    from riffusion.spectrogram import encode_image  # torch: the model service only
+
+    return ModelResult.from_parts(
+        encode_image(clip.image), clip.audio, clip.timings, clip.batch_size
     )
 
 
-def run_isolated(
-    run: Callable[[list[GenerationJob]], list[Any]],
-    jobs: Sequence[GenerationJob],
-    check: Callable[[GenerationJob], None] | None = None,
-) -> list[Any | BaseException]:
-    """``run(jobs)``, one outcome per job: a job that fails ``check`` gets its error and
-    never joins the batch; if the batch raises, each job runs again alone, so only bad
-    jobs fail."""
-    outcomes: list[Any | BaseException] = []
-    runnable: list[int] = []
-    for index, job in enumerate(jobs):
+async def run_in_engine(
+    engine: Engine,
+    encoder: PromptEncoder,
+    requests: Sequence[ModelRequest],
+    admission: ListenerAdmission | None = None,
+) -> list[ModelReply]:
+    """The model service's one path for jobs, in every batching mode; a reply per request.
+
+    1. each job is made runnable (``model_job``) and checked against the model's own
+       tokenizer; one that fails is answered at once and never joins a batch;
+    2. the others enter the engine together (``Engine.submit_together``), each with its
+       deadline, id, the time it already waited since the API service sent it and, for a
+       listener's clip, when it is due; ``admission`` renews that listener's place, or
+       counts a per-request clip against new listeners;
+    3. each is answered with its clip or its error: the engine fails a job alone.
+    """
+
+    def runnable(request: ModelRequest) -> GenerationJob | Exception:
         try:
-            if check is not None:
-                check(job)
+            job = model_job(request)
+            check_prompt_tokens(encoder, job)
         except Exception as error:
-            outcomes.append(error)
+            return error
+        return job
+
+    jobs = await anyio.to_thread.run_sync(lambda: [runnable(r) for r in requests])
+    if admission is not None:
+        _account(admission, requests, jobs)
+    now = time.time()
+    submitted = iter(
+        engine.submit_together(
+            [
+                (
+                    job,
+                    request.timeout_s,
+                    request.job_id or None,
+                    now - request.submitted_at,
+                    request.due_s,
+                )
+                for request, job in zip(requests, jobs, strict=True)
+                if not isinstance(job, Exception)
+            ]
+        )
+    )
+    outcomes = [job if isinstance(job, Exception) else next(submitted) for job in jobs]
+    return list(await asyncio.gather(*(_answer(outcome) for outcome in outcomes)))
+
+
+def _account(
+    admission: ListenerAdmission,
+    requests: Sequence[ModelRequest],
+    jobs: Sequence[GenerationJob | Exception],
+) -> None:
+    from riffusion.listeners import demand_of  # torch: the model service only
+
+    for request, job in zip(requests, jobs, strict=True):
+        if isinstance(job, Exception):
             continue
-        outcomes.append(None)
-        runnable.append(index)
-    for index, outcome in zip(runnable, _run_batch(run, [jobs[i] for i in runnable]), strict=True):
-        outcomes[index] = outcome
-    return outcomes
+        if request.listener_id is None or not admission.renew(request.listener_id):
+            admission.note_request(demand_of(job))
 
 
-def _run_batch(
-    run: Callable[[list[GenerationJob]], list[Any]], jobs: list[GenerationJob]
-) -> list[Any | BaseException]:
-    if not jobs:
-        return []
+async def _answer(outcome: EngineJob | BaseException) -> ModelReply:
+    if isinstance(outcome, BaseException):
+        return error_reply(outcome)
     try:
-        return list(run(jobs))
-    except Exception as error:
-        if len(jobs) == 1:
-            return [error]
-        logger.warning("a batch of %d jobs failed (%s); running them one by one", len(jobs), error)
-    outcomes: list[Any | BaseException] = []
-    for job in jobs:
-        try:
-            outcomes.extend(run([job]))
-        except Exception as error:
-            outcomes.append(error)
-    return outcomes
+        clip = await asyncio.wrap_future(outcome.future)
+    except BaseException as error:  # cancelled here too: the engine sees the future go
+        return error_reply(error)
+    return ModelReply(result=model_result(clip))
 
 
 # --- API side ----------------------------------------------------------------------------------
@@ -190,27 +192,45 @@ class ModelClient:
         self.mode = mode
         self.default_timeout_s = default_timeout_s
 
-    async def generate(self, jobs: Sequence[GenerationJob]) -> list[ModelResult]:
+    async def generate(
+        self,
+        jobs: Sequence[GenerationJob],
+        init_audio: Sequence[Audio] | None = None,
+        *,
+        due_s: float | None = None,
+        listener_id: str | None = None,
+    ) -> list[ModelResult]:
         """One result per job, in order; raises ``ModelCallError`` for the first clip that fails.
 
-        Clips run concurrently; when one fails or the caller is cancelled, the others
-        are cancelled too (in the model service as well).
+        ``init_audio``: each job's source clip (audio-to-audio), made into its init image
+        by the model service. ``due_s`` and ``listener_id``: a listener's clip, due when
+        their buffer runs dry. Clips run concurrently; when one fails or the caller is
+        cancelled, the others are cancelled too (in the model service as well).
         """
         deadline = REQUEST_DEADLINE.get() or time.monotonic() + self.default_timeout_s
+        clips: Sequence[Audio | None] = init_audio if init_audio is not None else [None] * len(jobs)
+        listener = {"due_s": due_s, "listener_id": listener_id}
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._one(job, deadline)) for job in jobs]
+                tasks = [
+                    group.create_task(self._one(job, clip, deadline, listener))
+                    for job, clip in zip(jobs, clips, strict=True)
+                ]
         except* ModelCallError as failures:
             raise failures.exceptions[0] from None
         return [task.result() for task in tasks]
 
-    async def _one(self, job: GenerationJob, deadline: float) -> ModelResult:
+    async def _one(
+        self, job: GenerationJob, clip: Audio | None, deadline: float, listener: dict[str, Any]
+    ) -> ModelResult:
         sent = time.perf_counter()
         request = ModelRequest(
             job=job,
             submitted_at=time.time(),
             job_id=uuid.uuid4().hex,
             timeout_s=max(0.0, deadline - time.monotonic()),
+            init_audio=ModelAudio.from_audio(clip) if clip is not None else None,
+            **listener,
         )
         CLIPS_IN_FLIGHT.inc()
         try:
@@ -232,10 +252,10 @@ class ModelClient:
 
         for attempt in (1, 2):
             try:
-                if self.mode == "continuous":
-                    answer = await self.model.to_async.submit(request)
-                else:
+                if self.mode == "adaptive":
                     [answer] = await self.model.to_async.generate([request])
+                else:
+                    answer = await self.model.to_async.submit(request)
                 return ModelReply.model_validate(answer)
             except aiohttp.ClientConnectionError as error:
                 # BentoML's client can reuse a pooled connection the model service already
@@ -256,10 +276,16 @@ class ModelClient:
                 raise
         raise AssertionError("unreachable")
 
+    async def open_listener(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
+        """Ask the model service for a real-time listener's place (answered at once)."""
+        answer = await self.model.to_async.open_listener(listener_id=listener_id, job=job)
+        return ListenerDecision.model_validate(answer)
+
+    async def close_listener(self, listener_id: str) -> None:
+        await self.model.to_async.close_listener(listener_id=listener_id)
+
     def _cancel_in_model(self, job_id: str) -> None:
-        """Tell the model service to drop ``job_id`` (continuous mode; fire and forget)."""
-        if self.mode != "continuous":
-            return
+        """Tell the model service to drop ``job_id`` (fire and forget)."""
 
         async def cancel() -> None:
             try:

@@ -42,9 +42,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from riffusion.api_schemas import ModelResult
 from riffusion.jam import JamSettings, JamSteer, JamWalk
 from riffusion.playback import PlaybackClock
 from riffusion.schemas import GenerationJob
+from serving.answers import web_app_payload
+from serving.errors import ApiError
+from serving.model_calls import ModelCallError, ModelClient
 
 logger = logging.getLogger("riffusion.sessions")
 
@@ -80,23 +84,6 @@ UNDERRUN_SECONDS = Histogram(
 )
 
 
-class ClipFailed(Exception):
-    """A clip could not be made; ``status`` is the HTTP status the API would answer."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        field: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.retry_after_s = retry_after_s
-
-
 @dataclass(frozen=True)
 class Admission:
     accepted: bool
@@ -107,12 +94,53 @@ class Admission:
 class ListenerGate(Protocol):
     """The model service as a session sees it."""
 
+    def check(self, job: GenerationJob) -> None:
+        """Raise ``ApiError`` (400, naming the field) for a job the service cannot take."""
+
     async def open(self, listener_id: str, job: GenerationJob) -> Admission: ...
 
     async def close(self, listener_id: str) -> None: ...
 
     async def clip(self, job: GenerationJob, listener_id: str, due_s: float) -> Any:
-        """The clip (a ``ModelResult``), due in ``due_s``; raises ``ClipFailed``."""
+        """The clip (a ``ModelResult``), due in ``due_s``; raises ``ApiError``."""
+
+
+class ModelListenerGate:
+    """``ListenerGate`` over the model service; ``check_image_ids`` is the API's own check."""
+
+    def __init__(
+        self, client: ModelClient, check_image_ids: Callable[[str | None, str | None], None]
+    ) -> None:
+        self.client = client
+        self.check_image_ids = check_image_ids
+
+    def check(self, job: GenerationJob) -> None:
+        self.check_image_ids(job.seed_image_id, job.mask_image_id)
+
+    async def open(self, listener_id: str, job: GenerationJob) -> Admission:
+        try:
+            decision = await self.client.open_listener(listener_id, job)
+        except Exception as error:  # not started, restarting: the listener may retry
+            logger.warning("could not ask the model service for a listener's place: %r", error)
+            return Admission(False, "the model service is not answering; retry shortly", 5.0)
+        return Admission(decision.accepted, decision.message, decision.retry_after_s)
+
+    async def close(self, listener_id: str) -> None:
+        await self.client.close_listener(listener_id)
+
+    async def clip(self, job: GenerationJob, listener_id: str, due_s: float) -> ModelResult:
+        try:
+            [result] = await self.client.generate([job], due_s=due_s, listener_id=listener_id)
+        except ModelCallError as failure:
+            error = failure.error
+            raise ApiError(error.status, error.field, error.message, error.retry_after_s) from None
+        return result
+
+
+async def encode_clip(result: ModelResult) -> dict[str, Any]:
+    """A clip as the web app's endpoint answers it (JPEG and MP3 data URLs), exact duration."""
+    payload = await asyncio.to_thread(web_app_payload, result)
+    return {**payload.model_dump(), "duration_s": result.audio().duration_s}
 
 
 @dataclass(frozen=True)
@@ -304,6 +332,11 @@ class Session:
     async def run(self) -> None:
         config = self.hub.config
         first_job = self.walk.next_job()
+        try:
+            self.hub.gate.check(first_job)
+        except ApiError as error:
+            await _refuse(self.websocket, POLICY_VIOLATION, error.field or "start", error.message)
+            return
         decision = await self.hub.gate.open(self.id, first_job)
         if not decision.accepted:
             SESSIONS_REFUSED.inc()
@@ -380,7 +413,7 @@ class Session:
             return "gone"
         try:
             clip = making.result()
-        except ClipFailed as failure:
+        except ApiError as failure:
             return await self._report_failure(index, failure, reader)
         now = time.monotonic()
         BUFFER_AHEAD.observe(max(0.0, self.clock.ahead_s(now)))
@@ -423,7 +456,7 @@ class Session:
         return payload
 
     async def _report_failure(
-        self, index: int, failure: ClipFailed, reader: asyncio.Task[None]
+        self, index: int, failure: ApiError, reader: asyncio.Task[None]
     ) -> str:
         """Tell the listener; undo a steer that made the clip impossible (redo), retry a
         clip the service could not make now, end the session on settings it cannot take."""
@@ -484,9 +517,14 @@ class Session:
                 await self._error(bad.field, bad.message)
             except ValidationError as error:
                 await self._error(_field_of(error), error.errors()[0]["msg"])
+            except ApiError as error:
+                await self._error(error.field or "message", error.message)
             self.wake.set()
 
     def _steer(self, steer: JamSteer) -> None:
+        trial = copy.deepcopy(self.walk)
+        trial.steer(steer)
+        self.hub.gate.check(trial.next_job())  # an unknown image id: refused, not applied
         if self._before_steer is None:
             self._before_steer = (self.walk.clips, copy.deepcopy(self.walk))
         self.walk.steer(steer)

@@ -130,6 +130,8 @@ def test_image_env_of_a_tiny_build(bento_dir: Path) -> None:
     # The model service requires the GPU unless RIFFUSION_DEVICE=cpu is set at run time.
     assert defaults["RIFFUSION_DEVICE"] == "cuda"
     assert {"RIFFUSION_MODEL", "RIFFUSION_DEVICE"} <= image_env
+    # Every image requires an API key unless RIFFUSION_AUTH=optional is set at run time.
+    assert defaults["RIFFUSION_AUTH"] == "required"
     # GPU visibility is the runtime's job (device plugin, `docker run --gpus`).
     assert "NVIDIA_VISIBLE_DEVICES" not in dockerfile
     # Hub downloads go to BENTOML_HF_CACHE_DIR, which the image points inside the Bento:
@@ -187,3 +189,25 @@ def test_serve_without_the_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     assert len(output.splitlines()) == 1, output
     assert "ModelLoadError" in output and "riffusion/riffusion-model-v1" in output
     assert "RIFFUSION_MODEL=tiny" in output and "HF_HUB_OFFLINE" in output
+
+
+def test_serve_without_a_required_key_refuses_to_start(tmp_path: Path) -> None:
+    """RIFFUSION_AUTH=required (the Bento's and the manifests' setting) without a key: the
+    server stops before it listens, in one line naming both settings; never open access."""
+    from load_tests.server import free_port
+
+    env = {**_offline_env(tmp_path, "tiny"), "RIFFUSION_AUTH": "required"}
+    env.pop("RIFFUSION_API_KEY", None)
+    command = [str(BENTOML), "serve", "service:Riffusion", "--host", "127.0.0.1"]
+    result = subprocess.run(
+        [*command, "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert len(output.splitlines()) == 1, output
+    assert "RIFFUSION_AUTH=required" in output and "RIFFUSION_API_KEY" in output

@@ -9,6 +9,7 @@ tolerance of tests/test_pipeline.py.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from riffusion.api_schemas import ModelReply, ModelRequest
 from riffusion.engine import (
     Engine,
     EngineConfig,
@@ -33,6 +35,7 @@ from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline
 from riffusion.schemas import GenerationJob, PromptInput
 from riffusion.seed_images import SeedImageLibrary
 from riffusion.spectrogram import SpectrogramParams
+from serving.model_calls import run_in_engine
 from tests.test_pipeline import write_library
 
 LATENT_ATOL = 1e-4
@@ -40,13 +43,17 @@ STEP_PAUSE_S = 0.03
 
 
 class PacedPipeline(RiffusionPipeline):
-    """The tiny pipeline, pausing after every step; can be told to fail on a prompt."""
+    """The tiny pipeline, pausing after every step; can be told to fail on a prompt, or on
+    steps of more than ``max_step_batch`` jobs (as a GPU out of memory would)."""
 
     poison_prompt: str | None = None
+    max_step_batch: int | None = None
 
     def denoise_step(self, batch: Sequence[JobState]) -> None:
         if any(state.job.start.prompt == self.poison_prompt for state in batch):
             raise RuntimeError("poisoned job")
+        if self.max_step_batch is not None and len(batch) > self.max_step_batch:
+            raise RuntimeError("out of memory")
         super().denoise_step(batch)
         time.sleep(STEP_PAUSE_S)
 
@@ -349,6 +356,60 @@ def test_a_failing_job_fails_alone(pipeline: PacedPipeline) -> None:
     for clip, reference in zip(clips, alone, strict=True):
         assert_close(clip, reference)
     assert recorder.outcomes == {"completed": 3, "failed": 2}
+
+
+def served(
+    engine: Engine, pipeline: RiffusionPipeline, jobs: Sequence[GenerationJob]
+) -> list[ModelReply]:
+    """The jobs as the model service runs one call's worth of them (``run_in_engine``)."""
+    requests = [ModelRequest(job=j, submitted_at=time.time()) for j in jobs]
+    return asyncio.run(run_in_engine(engine, pipeline.prompt_encoder, requests))
+
+
+def test_a_job_the_model_refuses_never_joins_the_batch(pipeline: PacedPipeline) -> None:
+    engine, recorder = make_engine(pipeline)
+    # Passes the API's tokenizer-free bound; the tiny tokenizer makes 400 tokens of it.
+    too_long = " ".join(["word"] * 100)
+    try:
+        ok, refused, fine = served(engine, pipeline, [job("ok"), job(too_long), job("fine")])
+    finally:
+        engine.stop()
+    assert ok.result is not None and fine.result is not None
+    assert refused.result is None and refused.error is not None
+    assert refused.error.status == 400 and refused.error.field == "start.prompt"
+    assert recorder.outcomes == {"completed": 2}  # the refused job never entered the engine
+    assert set(recorder.batch_sizes) == {2}  # one batch, without the refused job
+
+
+def test_a_job_failing_at_run_time_fails_alone_and_its_batch_mates_get_results(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline)
+    pipeline.poison_prompt = "boom"
+    try:
+        ok, boom, fine = served(engine, pipeline, [job("ok"), job("boom"), job("fine")])
+    finally:
+        pipeline.poison_prompt = None
+        engine.stop()
+    assert ok.result is not None and fine.result is not None
+    assert boom.result is None and boom.error is not None
+    assert boom.error.status == 500 and "poisoned" not in boom.error.message  # logged, not echoed
+    assert recorder.outcomes == {"completed": 2, "failed": 1}
+
+
+def test_a_batch_that_fails_only_together_still_answers_every_job(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline)
+    pipeline.max_step_batch = 1
+    jobs = [job(prompt, seed=i, steps=3) for i, prompt in enumerate(("a", "b", "c"))]
+    try:
+        replies = served(engine, pipeline, jobs)
+    finally:
+        pipeline.max_step_batch = None
+        engine.stop()
+    assert all(reply.result is not None for reply in replies)
+    assert recorder.outcomes == {"completed": 3}
 
 
 @pytest.mark.parametrize("postprocess", ["thread", "inline"])

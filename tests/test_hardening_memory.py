@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from riffusion.heap import release_freed_memory
-from riffusion.spectrogram import SpectrogramConverter, SpectrogramParams, _StftGrid
+from riffusion.spectrogram import SpectrogramConverter, SpectrogramParams
+from riffusion.spectrogram.stft import StftGrid
 
 
-def _fold_overlap_add(grid: _StftGrid, frames: torch.Tensor) -> torch.Tensor:
+def _fold_overlap_add(grid: StftGrid, frames: torch.Tensor) -> torch.Tensor:
     """The whole-signal overlap-add torch.istft does: one fold over all frames."""
     total = grid.win_length + grid.hop_length * (frames.shape[-2] - 1)
     summed = torch.nn.functional.fold(
@@ -47,7 +48,7 @@ def _fold_overlap_add(grid: _StftGrid, frames: torch.Tensor) -> torch.Tensor:
 def test_chunked_overlap_add_is_the_whole_fold_bit_for_bit(
     params: SpectrogramParams, chunk: int
 ) -> None:
-    grid = _StftGrid.at_rate(params, params.sample_rate, torch.device("cpu"))
+    grid = StftGrid.at_rate(params, params.sample_rate, torch.device("cpu"))
     frames = torch.randn(2, 40, grid.win_length, generator=torch.Generator().manual_seed(3))
     summed = grid.overlap_add(2, 40)
     for first in reversed(range(0, 40, chunk)):
@@ -57,7 +58,7 @@ def test_chunked_overlap_add_is_the_whole_fold_bit_for_bit(
 
 def test_overlap_add_refuses_chunks_in_an_order_that_would_change_the_sum() -> None:
     params = SpectrogramParams()
-    grid = _StftGrid.at_rate(params, params.sample_rate, torch.device("cpu"))
+    grid = StftGrid.at_rate(params, params.sample_rate, torch.device("cpu"))
     frames = torch.randn(1, 40, grid.win_length)
     summed = grid.overlap_add(1, 40)
     with pytest.raises(ValueError, match="out of order"):

@@ -162,9 +162,11 @@ def test_run_inference_spec_admits_the_empty_mask_it_accepts() -> None:
 def test_model_service_names_the_prompt_its_tokenizer_cannot_fit(tokenizer) -> None:  # type: ignore[no-untyped-def]
     import torch
 
+    from riffusion.api_schemas import error_reply
+    from riffusion.contracts import JobFieldError
     from riffusion.prompts import PromptEncoder
     from riffusion.schemas import GenerationJob, PromptInput
-    from serving.model_calls import JobFieldError, check_prompt_tokens, error_reply
+    from serving.model_calls import check_prompt_tokens
 
     encoder = PromptEncoder(tokenizer, torch.nn.Identity())
     over = ("word " * 200).strip()  # 200 pieces: passes the API's bound; 800 real tokens
@@ -192,71 +194,6 @@ def test_a_dotted_field_is_a_nested_location() -> None:
         "error": "start.prompt: too long",
         "detail": [{"loc": ["start", "prompt"], "msg": "too long", "type": "Bad Request"}],
     }
-
-
-def test_a_job_refused_by_the_check_never_joins_the_batch() -> None:
-    from riffusion.schemas import GenerationJob, PromptInput
-    from serving.model_calls import JobFieldError, run_isolated
-
-    jobs = [GenerationJob(start=PromptInput(prompt=p, seed=1)) for p in ("ok", "too long", "fine")]
-    batches: list[list[str]] = []
-
-    def run(batch: list[GenerationJob]) -> list[str]:
-        batches.append([job.start.prompt for job in batch])
-        return [job.start.prompt.upper() for job in batch]
-
-    def check(job: GenerationJob) -> None:
-        if job.start.prompt == "too long":
-            raise JobFieldError("start.prompt", "too long")
-
-    outcomes = run_isolated(run, jobs, check=check)
-    assert outcomes[0] == "OK" and outcomes[2] == "FINE"
-    assert isinstance(outcomes[1], JobFieldError)
-    assert batches == [["ok", "fine"]]  # one batch, without the refused job
-
-
-def test_a_job_failing_at_run_time_fails_alone_and_its_batch_mates_get_results() -> None:
-    from riffusion.schemas import GenerationJob, PromptInput
-    from serving.model_calls import JobFieldError, error_reply, run_isolated
-
-    prompts = ("ok", "boom", "refused", "fine")
-    jobs = [GenerationJob(start=PromptInput(prompt=p, seed=1)) for p in prompts]
-    batches: list[list[str]] = []
-
-    def run(batch: list[GenerationJob]) -> list[str]:
-        # Like a pipeline: one job that fails mid-run takes the whole batch with it.
-        batches.append([job.start.prompt for job in batch])
-        if any(job.start.prompt == "boom" for job in batch):
-            raise RuntimeError("the UNet failed on boom")
-        return [job.start.prompt.upper() for job in batch]
-
-    def check(job: GenerationJob) -> None:
-        if job.start.prompt == "refused":
-            raise JobFieldError("start.prompt", "too long")
-
-    ok, boom, refused, fine = run_isolated(run, jobs, check=check)
-    assert (ok, fine) == ("OK", "FINE")
-    assert isinstance(boom, RuntimeError) and str(boom) == "the UNet failed on boom"
-    assert isinstance(refused, JobFieldError)
-    # The batch failed, so each job ran again alone; the refused one never ran.
-    assert batches == [["ok", "boom", "fine"], ["ok"], ["boom"], ["fine"]]
-    reply = error_reply(boom)
-    assert reply.result is None and reply.error is not None
-    assert reply.error.status == 500 and "UNet" not in reply.error.message  # logged, not echoed
-
-
-def test_a_batch_that_fails_only_together_still_answers_every_job() -> None:
-    from riffusion.schemas import GenerationJob, PromptInput
-    from serving.model_calls import run_isolated
-
-    jobs = [GenerationJob(start=PromptInput(prompt=p, seed=1)) for p in ("a", "b", "c")]
-
-    def run(batch: list[GenerationJob]) -> list[str]:
-        if len(batch) > 1:  # like torch's OutOfMemoryError: too much for a batch, not a clip
-            raise RuntimeError("out of memory")
-        return [batch[0].start.prompt]
-
-    assert run_isolated(run, jobs) == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("decision", [True, False])

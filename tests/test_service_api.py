@@ -425,6 +425,7 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
     from bentoml.exceptions import ServiceUnavailable
 
     from riffusion.schemas import GenerationJob, PromptInput
+    from serving.errors import ApiError
 
     service = sys.modules["service"]
     api = service.Riffusion.inner  # the plain class behind the bentoml.Service
@@ -439,8 +440,9 @@ def test_model_service_failures_answer_503_with_retry_after(client: Any, failure
 
     fake = SimpleNamespace(model=SimpleNamespace(to_async=SimpleNamespace(submit=failing_submit)))
     job = GenerationJob(start=PromptInput(prompt="x"), num_inference_steps=STEPS, width=64)
-    results, error = asyncio.run(api._generate_or_error(fake, [job]))
-    assert results == [] and error is not None
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(api._generate(fake, [job]))
+    error = raised.value.response()
     assert error.status_code == 503 and error.headers["Retry-After"] == "5"
     # Says what happened (a crashed worker is not "at capacity") and leaks no internals.
     message = json.loads(error.body)["error"]

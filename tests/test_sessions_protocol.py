@@ -17,12 +17,12 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from riffusion.schemas import GenerationJob
+from serving.errors import ApiError
 from serving.sessions import (
     POLICY_VIOLATION,
     SERVICE_RESTART,
     TRY_AGAIN_LATER,
     Admission,
-    ClipFailed,
     SessionConfig,
     SessionHub,
 )
@@ -39,8 +39,16 @@ class FakeGate:
         self.open_ids: set[str] = set()
         self.jobs: list[tuple[GenerationJob, float]] = []
         self.cancelled = threading.Event()
-        self.fail_next: ClipFailed | None = None
+        self.fail_next: ApiError | None = None
         self.started = threading.Event()
+
+    def check(self, job: GenerationJob) -> None:
+        for image_id, field in (
+            (job.seed_image_id, "seed_image_id"),
+            (job.mask_image_id, "mask_image_id"),
+        ):
+            if image_id is not None and image_id.startswith("unknown"):
+                raise ApiError(400, field, f"no such image: {image_id!r}")
 
     async def open(self, listener_id: str, job: GenerationJob) -> Admission:
         if len(self.open_ids) >= self.capacity:
@@ -120,6 +128,7 @@ def test_a_steer_shows_in_the_next_clip_and_reports_its_delay() -> None:
         ({"type": "start", "prompt": "x", "seed_image_id": "../../etc"}, "seed_image_id"),
         ({"type": "play", "prompt": "x"}, "type"),
         ({"type": "start", "prompt": "x", "steps": 10}, "steps"),
+        ({"type": "start", "prompt": "x", "seed_image_id": "unknown_beat"}, "seed_image_id"),
     ],
 )
 def test_a_bad_start_is_refused_naming_the_field(message: dict[str, Any], field: str) -> None:
@@ -150,12 +159,13 @@ def test_bad_messages_mid_session_get_an_error_and_the_session_goes_on() -> None
         ws.receive_json()
         ws.send_text("not json")
         ws.send_json({"type": "played", "position_s": -3})
+        ws.send_json({"type": "steer", "prompt": "x", "mask_image_id": "unknown_mask"})
         seen: list[dict[str, Any]] = []
-        while len([m for m in seen if m["type"] == "error"]) < 2:
+        while len([m for m in seen if m["type"] == "error"]) < 3:
             seen.append(ws.receive_json())
         assert ws.receive_json()["type"] == "clip"
     errors = [m for m in seen if m["type"] == "error"]
-    assert [e["field"] for e in errors] == ["message", "position_s"]
+    assert [e["field"] for e in errors] == ["message", "position_s", "mask_image_id"]
 
 
 def test_a_full_service_refuses_at_once_with_a_retry_hint_and_admits_after_a_leave() -> None:
@@ -190,7 +200,7 @@ def test_a_listener_who_leaves_has_the_clip_in_flight_cancelled_and_the_place_fr
 
 def test_a_service_failure_is_reported_and_the_same_clip_retried() -> None:
     gate = FakeGate()
-    gate.fail_next = ClipFailed(503, "at capacity", retry_after_s=0.05)
+    gate.fail_next = ApiError(503, None, "at capacity", 0.05)
     client, _ = client_for(gate)
     with client.websocket_connect("/session") as ws:
         ws.send_json(START)
@@ -207,7 +217,7 @@ def test_a_steer_the_model_cannot_take_is_undone_and_the_jam_goes_on() -> None:
         ws.send_json(START)
         ws.receive_json()
         ws.receive_json()  # clip 0
-        gate.fail_next = ClipFailed(400, "too many CLIP tokens", field="end.prompt")
+        gate.fail_next = ApiError(400, "end.prompt", "too many CLIP tokens")
         ws.send_json({"type": "steer", "prompt": "word " * 60})
         messages = [ws.receive_json() for _ in range(3)]
     error = next(m for m in messages if m["type"] == "error")
