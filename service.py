@@ -135,6 +135,7 @@ class RiffusionModel:
             overlapped_postprocess=config.postprocess == "thread",
             utilization=SETTINGS.session_utilization,
             max_listeners=SETTINGS.session_max_listeners,
+            predict=SETTINGS.session_admission == "predict",
         )
         publish_device_load(self.admission)
         self._one_batch_at_a_time = asyncio.Lock()  # adaptive: BentoML's batches stay apart

@@ -68,12 +68,17 @@ class SessionListener:
         api_key: str | None = None,
         timeout_s: float = 120.0,
         report_every_s: float = 1.0,
+        playback_speed: float = 1.0,
     ) -> None:
+        if playback_speed <= 0:
+            raise ValueError(f"playback_speed must be positive, got {playback_speed}")
         self.url = session_url(base_url)
         self.settings = settings
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.report_every_s = report_every_s
+        # Below 1: a slow listener (it reports its true position, which the server follows).
+        self.playback_speed = playback_speed
         self.report = ListenerReport()
         self.socket: websocket.WebSocket | None = None
         self._playing_since: float | None = None  # when the current run of audio began
@@ -146,15 +151,16 @@ class SessionListener:
     def _play(self, clip: dict[str, Any]) -> None:
         now = time.monotonic()
         duration = float(clip["duration_s"])
+        lasts_s = duration / self.playback_speed
         if self._dry_at is None:
             self.report.first_clip_s = now - self._accepted_at
-            self._playing_since, self._dry_at = now, now + duration
+            self._playing_since, self._dry_at = now, now + lasts_s
         elif now > self._dry_at:  # silence since _dry_at: a real player loops or stops
             self.report.underruns.append(now - self._dry_at)
             self._played_before_s = self.report.audio_s
-            self._playing_since, self._dry_at = now, now + duration
+            self._playing_since, self._dry_at = now, now + lasts_s
         else:
-            self._dry_at += duration
+            self._dry_at += lasts_s
         self.report.clips += 1
         self.report.audio_s += duration
 
@@ -162,7 +168,8 @@ class SessionListener:
         """Seconds of the session's audio played by ``now``."""
         if self._playing_since is None:
             return 0.0
-        return min(self.report.audio_s, self._played_before_s + now - self._playing_since)
+        played = (now - self._playing_since) * self.playback_speed
+        return min(self.report.audio_s, self._played_before_s + played)
 
     def _report_position(self) -> None:
         now = time.monotonic()

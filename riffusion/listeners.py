@@ -12,8 +12,10 @@ and decides at ``open``:
    decode and Griffin-Lim (after the steps on a CPU, overlapped with them on a GPU);
 3. accept if that cost fits in ``utilization`` of the shortest period (and the
    listeners stay within ``max_listeners``, an operator's cap), else refuse with a
-   retry hint. Admitted listeners keep their place: a later one is refused,
-   never the other way round. Before any step is measured only one listener fits.
+   retry hint. With ``predict`` off the cap alone decides (step times that say nothing
+   of the device's capacity: a machine shared with other work). Admitted listeners keep
+   their place: a later one is refused, never the other way round. Before any step is
+   measured only one listener fits.
 
 Listeners hold a lease renewed by each clip they ask for; one whose API worker died
 without closing it is forgotten after ``lease_s``. Per-request traffic is never refused
@@ -69,6 +71,7 @@ class ListenerAdmission:
         overlapped_postprocess: bool,
         utilization: float = 0.8,
         max_listeners: int | None = None,
+        predict: bool = True,
         lease_s: float = 60.0,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -80,6 +83,7 @@ class ListenerAdmission:
         self.overlapped_postprocess = overlapped_postprocess
         self.utilization = utilization
         self.max_listeners = max_listeners
+        self.predict = predict
         self.lease_s = lease_s
         self.window_s = window_s
         self.clock = clock
@@ -103,6 +107,8 @@ class ListenerAdmission:
             why = None
             if self.max_listeners is not None and len(others) >= self.max_listeners:
                 why = f"it serves at most {self.max_listeners} listener(s)"
+            elif not self.predict:
+                pass  # the operator's cap alone decides
             elif not self.step_times.measured and others:
                 why = "the first listener's clips are still being measured"
             elif load > self.utilization:

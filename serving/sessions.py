@@ -369,10 +369,10 @@ class Session:
             pass
         finally:
             reader.cancel()
+            with contextlib.suppress(Exception):  # its place first, then the gauge
+                await self.hub.gate.close(self.id)
             SESSIONS_ACTIVE.dec()
             self.hub._sessions.discard(task)
-            with contextlib.suppress(Exception):
-                await self.hub.gate.close(self.id)
 
     async def _clips(self, first_job: GenerationJob, reader: asyncio.Task[None]) -> None:
         """Steps 3 and 5: clips while the listener is here and the server is not draining."""

@@ -64,6 +64,9 @@ class ServiceSettings(BaseSettings):
     session_margin_s: float = Field(default=1.0, ge=0)
     session_utilization: float = Field(default=0.8, gt=0, le=1)
     session_max_listeners: int | None = Field(default=None, ge=0)
+    # "predict" (default): admit while the engine predicts real time for all; "cap": the
+    # cap above alone decides (a device shared with other work, whose step times mislead).
+    session_admission: Literal["predict", "cap"] = "predict"
     # Comma-separated in the environment.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
 

@@ -106,6 +106,13 @@ def test_opening_twice_keeps_one_place() -> None:
     assert gate.listeners() == 1
 
 
+def test_without_prediction_the_cap_alone_decides() -> None:
+    slow = measured(0.0, per_work_s=10.0 / 4096)  # one clip: 100 s of device per 5 s
+    assert not admission(slow, Clock()).open("l0", CLIP).accepted
+    gate = admission(slow, Clock(), max_listeners=2, predict=False)
+    assert [gate.open(f"l{i}", CLIP).accepted for i in range(3)] == [True, True, False]
+
+
 def test_an_operators_cap_refuses_past_it_whatever_the_prediction() -> None:
     gate = admission(measured(0.0, per_work_s=0.001 / 4096), Clock(), max_listeners=2)
     assert [gate.open(f"l{i}", CLIP).accepted for i in range(3)] == [True, True, False]

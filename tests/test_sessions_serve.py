@@ -25,6 +25,10 @@ from tests.shared_servers import READY_TIMEOUT_S, metric_total
 API_KEY = "session-test-key"
 SETTINGS = {"prompt": "church bells on sunday", "seed": 5, "num_inference_steps": 4}
 SHUTDOWN_BUDGET_S = 60.0
+# The listener of the real-time test plays at this fraction of real speed and reports its
+# true position, which the server schedules against: on a machine loaded by other work a
+# clip can take longer than it plays. docs/benchmarks.md measures full speed, quietly.
+SLOW_LISTENER = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
         "HF_HUB_OFFLINE": "1",
         "RIFFUSION_API_KEY": API_KEY,
         "RIFFUSION_SEED_IMAGES_DIR": None,
+        # One place, whatever this machine's speed (other work may share its cores): the
+        # prediction itself is tested in tests/test_listener_admission.py.
         "RIFFUSION_SESSION_MAX_LISTENERS": "1",
+        "RIFFUSION_SESSION_ADMISSION": "cap",
     }
     with LocalServer(home / "serve.log", "tiny", env, READY_TIMEOUT_S) as server:
         yield server
@@ -54,8 +61,18 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 @contextlib.contextmanager
-def listening(url: str, **settings: Any) -> Iterator[SessionListener]:
-    listener = SessionListener(url, {**SETTINGS, **settings}, api_key=API_KEY)
+def listening(url: str, speed: float = 1.0, **settings: Any) -> Iterator[SessionListener]:
+    """An open, admitted session (the one place frees once an earlier test's listener left)."""
+    deadline = time.monotonic() + 60
+    while True:
+        listener = SessionListener(
+            url, {**SETTINGS, **settings}, api_key=API_KEY, playback_speed=speed
+        )
+        answer = listener.open()
+        if answer["type"] == "accepted":
+            break
+        assert time.monotonic() < deadline, f"no place for a listener: {answer}"
+        time.sleep(0.5)
     try:
         yield listener
     finally:
@@ -63,9 +80,7 @@ def listening(url: str, **settings: Any) -> Iterator[SessionListener]:
 
 
 def test_a_session_receives_clips_in_order_in_real_time(url: str) -> None:
-    with listening(url) as listener:
-        answer = listener.open()
-        assert answer["type"] == "accepted", answer
+    with listening(url, speed=SLOW_LISTENER) as listener:
         wait_for(lambda: metric_total(url, "riffusion_sessions_active") == 1, 30, "the gauge")
         clips = list(listener.clips(count=4))
     assert [c["index"] for c in clips] == [0, 1, 2, 3]
@@ -83,7 +98,6 @@ def test_a_session_receives_clips_in_order_in_real_time(url: str) -> None:
 
 def test_a_prompt_sent_mid_session_shows_in_the_next_clips(url: str) -> None:
     with listening(url) as listener:
-        assert listener.open()["type"] == "accepted"
         clips = []
         for clip in listener.clips(count=4):
             clips.append(clip)
@@ -98,33 +112,35 @@ def test_a_prompt_sent_mid_session_shows_in_the_next_clips(url: str) -> None:
 
 
 def test_admission_refuses_when_full_and_accepts_when_a_listener_leaves(url: str) -> None:
-    refused_before = metric_total(url, "riffusion_sessions_refused_total")
-    with listening(url) as first:
-        assert first.open()["type"] == "accepted"
-        with listening(url) as second:
-            began = time.monotonic()
-            answer = second.open()
-            refused_in_s = time.monotonic() - began
+    with listening(url):
+        refused_before = metric_total(url, "riffusion_sessions_refused_total")
+        second = SessionListener(url, SETTINGS, api_key=API_KEY)
+        began = time.monotonic()
+        answer = second.open()
+        refused_in_s = time.monotonic() - began
         assert answer["type"] == "refused", answer
         assert "full" in answer["message"] and answer["retry_after_s"] > 0
         assert refused_in_s < 10  # at once (the benchmark measures it on a quiet machine)
         assert metric_total(url, "riffusion_sessions_refused_total") == refused_before + 1
     # The first listener left: a new one gets its place (once the server has seen it go).
-
-    def admitted() -> bool:
-        with listening(url) as third:
-            return third.open()["type"] == "accepted"
-
-    wait_for(admitted, 60, "a place to free up")
+    with listening(url) as third:
+        assert third.report.accepted
 
 
 def test_a_listener_who_drops_stops_their_clip_within_a_step(url: str) -> None:
     cancelled_before = metric_total(url, "riffusion_engine_jobs_total", {"event": "cancelled"})
     samples_before = metric_total(url, "riffusion_unet_samples_total", {"outcome": "cancelled"})
-    socket = websocket.create_connection(session_url(url), timeout=30)
     start = {"type": "start", "api_key": API_KEY, "prompt": "long one", "denoising": 1.0}
-    socket.send(json.dumps({**start, "num_inference_steps": 150}))
-    assert '"accepted"' in socket.recv()
+    deadline = time.monotonic() + 60
+    while True:  # the one place frees once the earlier test's listener has gone
+        socket = websocket.create_connection(session_url(url), timeout=30)
+        socket.send(json.dumps({**start, "num_inference_steps": 150}))
+        answer = json.loads(socket.recv())
+        if answer["type"] == "accepted":
+            break
+        socket.close()
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.5)
     wait_for(lambda: metric_total(url, "riffusion_engine_running_jobs") >= 1, 60, "the clip")
     socket.close()  # the listener goes away mid-clip
     wait_for(
