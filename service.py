@@ -50,9 +50,11 @@ from serving.errors import ApiError
 from serving.metrics import EngineMetrics, forget_dead_processes, publish_device_load
 from serving.model_calls import ModelCallError, ModelClient, run_in_engine
 from serving.openapi import document_api
+from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
 from serving.sessions import ModelListenerGate, SessionConfig, SessionHub, encode_clip
 from serving.settings import ServiceSettings
+from serving.shutdown import DrainOnShutdown, ShutdownDrain
 from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
 from serving.worker_temp import use_private_temp_dir
 
@@ -66,6 +68,9 @@ SETTINGS = ServiceSettings()
 ENGINE_BATCH_SIZE = {"off": 1, "adaptive": max(2, SETTINGS.max_batch_size)}.get(
     SETTINGS.batching, SETTINGS.max_batch_size
 )
+# This process's shutdown: SIGTERM starts RIFFUSION_SHUTDOWN_GRACE_S, at whose end the
+# requests still running are answered 503 + Retry-After (serving/shutdown.py).
+DRAIN = ShutdownDrain(SETTINGS.shutdown_grace_s)
 http.close_bentoml_input_paths()
 
 
@@ -87,7 +92,7 @@ class RiffusionModel:
 
     ``RIFFUSION_BATCHING`` says how jobs reach it: ``continuous`` (default) through
     ``submit``, joining the running batch at the next step; ``off`` the same with a
-    running batch of one; ``adaptive`` through ``generate``, batches BentoML gathers
+    running batch of one; ``adaptive`` through ``submit_batch``, batches BentoML gathers
     entering the engine together, one batch at a time. ``cancel`` drops jobs in all three.
     """
 
@@ -136,6 +141,7 @@ class RiffusionModel:
             utilization=SETTINGS.session_utilization,
             max_listeners=SETTINGS.session_max_listeners,
             predict=SETTINGS.session_admission == "predict",
+            vae_scale_factor=self.pipeline.vae_scale_factor,
         )
         publish_device_load(self.admission)
         self._one_batch_at_a_time = asyncio.Lock()  # adaptive: BentoML's batches stay apart
@@ -144,12 +150,16 @@ class RiffusionModel:
     def __is_ready__(self) -> bool:
         return getattr(self, "pipeline", None) is not None
 
+    @bentoml.on_startup
+    def _install_drain(self) -> None:
+        DRAIN.install()
+
     @bentoml.on_shutdown
     def _stop_engine(self) -> None:
-        """Finish the jobs in flight (within the grace period), then stop the engine."""
+        """Stop the engine: its jobs have finished or been cancelled (serving/shutdown.py)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.stop(timeout_s=SETTINGS.shutdown_grace_s)
+            engine.stop(timeout_s=max(1.0, DRAIN.remaining_s()))
 
     @bentoml.api
     async def describe(self) -> dict[str, Any]:
@@ -174,7 +184,7 @@ class RiffusionModel:
             max_batch_size=ENGINE_BATCH_SIZE,
             max_latency_ms=SETTINGS.max_latency_ms,
         )
-        async def generate(self, requests: list[ModelRequest]) -> list[ModelReply]:
+        async def submit_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
             """Adaptive batching: the calls BentoML gathered enter the engine together."""
             async with self._one_batch_at_a_time:
                 return await run_in_engine(
@@ -199,9 +209,7 @@ class RiffusionModel:
     @bentoml.api
     async def open_listener(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
         """Admit a real-time listener (clips like ``job``) if everyone stays in real time."""
-        from riffusion.listeners import demand_of
-
-        decision = self.admission.open(listener_id, demand_of(job))
+        decision = self.admission.open(listener_id, self.admission.demand(job))
         return ListenerDecision(**dataclasses.asdict(decision))
 
     @bentoml.api
@@ -227,6 +235,7 @@ AudioFile = Annotated[Path, ContentType("audio/*")]
         "concurrency": max(1, SETTINGS.max_concurrency // 2),
         "max_concurrency": SETTINGS.max_concurrency,
     },
+    http=http.bentoml_http_config(SETTINGS.cors_origins),
 )
 class Riffusion:
     """Public HTTP API: web-app endpoint, text/audio-to-audio, interpolation, seed images."""
@@ -257,6 +266,10 @@ class Riffusion:
     def _drain_sessions_on_sigterm(self) -> None:
         """SIGTERM: each session ends after its clip in flight, told to reconnect elsewhere."""
         self.sessions.drain_on_sigterm(SETTINGS.shutdown_grace_s)
+
+    @bentoml.on_startup
+    def _install_drain(self) -> None:
+        DRAIN.install()
 
     @bentoml.on_startup
     def _announce_ready(self) -> None:
@@ -445,3 +458,10 @@ http.install(
         document_api(spec), bearer_auth=bool(SETTINGS.api_key), public_paths=http.PUBLIC_PATHS
     ),
 )
+# Answered 503 at the end of the shutdown grace; inside http.install's RequestLifetime.
+_api_service.add_asgi_middleware(DrainOnShutdown, drain=DRAIN)
+# The model service drops a clip as soon as its caller (the API service) hangs up, and
+# answers what is left at the end of the shutdown grace.
+_model_service = cast("bentoml.Service[RiffusionModel]", RiffusionModel)
+_model_service.add_asgi_middleware(RequestLifetime, default_timeout_s=SETTINGS.request_timeout_s)
+_model_service.add_asgi_middleware(DrainOnShutdown, drain=DRAIN)

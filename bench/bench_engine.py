@@ -38,14 +38,17 @@ from pathlib import Path
 import click
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
 from bench.bench_service import serve
+from load_tests.client import metric_total, prompt_input, wait_idle, web_app_body
 
 console = Console()
 MODES = ("continuous", "adaptive", "off")
+# Between runs: nothing in flight for IDLE_SETTLE_S (work is counted when it ends).
+IDLE_SETTLE_S = 2.0
+IDLE_LIMIT_S = 900.0
 # "continuous/thread" and "continuous/inline" pick the engine's post-processing mode
 # (RIFFUSION_POSTPROCESS); plain "continuous" takes the device's default.
 
@@ -81,15 +84,14 @@ def parse_mode(mode: str) -> tuple[str, dict[str, str]]:
     return batching, {"RIFFUSION_POSTPROCESS": postprocess} if postprocess else {}
 
 
-def web_app_body(seed: int, steps: int) -> dict[str, object]:
-    return {
-        "alpha": (seed % 5) / 4,
-        "num_inference_steps": steps,
-        "seed_image_id": "og_beat",
-        "mask_image_id": None,
-        "start": {"prompt": "church bells on sunday", "seed": seed, "denoising": 0.75},
-        "end": {"prompt": "jazz with piano", "seed": seed + 1, "denoising": 0.75},
-    }
+def web_app_request(seed: int, steps: int) -> dict[str, object]:
+    """A web-app body whose alpha and seeds follow ``seed``."""
+    return web_app_body(
+        (seed % 5) / 4,
+        prompt_input("church bells on sunday", seed),
+        prompt_input("jazz with piano", seed + 1),
+        steps,
+    )
 
 
 async def _post(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, int]:
@@ -105,10 +107,10 @@ async def _post(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[flo
 async def measure_capacity(url: str, steps: int, clips: int) -> float:
     """Clips per second when ``clips`` are sent at once (closed loop, saturated)."""
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
-        await _post(client, web_app_body(0, steps))  # warm-up: first-call costs
+        await _post(client, web_app_request(0, steps))  # warm-up: first-call costs
         began = time.perf_counter()
         results = await asyncio.gather(
-            *(_post(client, web_app_body(i, steps)) for i in range(clips))
+            *(_post(client, web_app_request(i, steps)) for i in range(clips))
         )
         wall = time.perf_counter() - began
     if any(status != 200 for _, status in results):
@@ -125,7 +127,7 @@ async def open_loop(
 
         async def fire(index: int, at: float) -> tuple[float, int]:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - began)))
-            return await _post(client, web_app_body(1000 + index, steps))
+            return await _post(client, web_app_request(1000 + index, steps))
 
         results = await asyncio.gather(*(fire(i, at) for i, at in enumerate(arrivals)))
         return list(results), time.perf_counter() - began
@@ -157,14 +159,8 @@ def summarise(
 
 def unet_samples(url: str, outcome: str | None = None) -> float:
     """UNet samples counted so far (when jobs leave), of one outcome or all."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "riffusion_unet_samples_total"
-        and outcome in (None, sample.labels.get("outcome"))
-    )
+    labels = {"outcome": outcome} if outcome is not None else None
+    return metric_total(url, "riffusion_unet_samples_total", labels)
 
 
 async def _post_once(url: str, body: dict[str, object]) -> None:
@@ -175,39 +171,9 @@ async def _post_once(url: str, body: dict[str, object]) -> None:
 async def abandon(url: str, clips: int, after_s: float, steps: int) -> None:
     """Send ``clips`` requests at once and close every connection after ``after_s``."""
     async with httpx.AsyncClient(base_url=url, timeout=after_s) as client:
-        await asyncio.gather(*(_post(client, web_app_body(5000 + i, steps)) for i in range(clips)))
-
-
-def busy(url: str) -> bool:
-    """Whether the model service still has work: engine jobs or model calls in progress."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            engine_jobs = sample.name in (
-                "riffusion_engine_running_jobs",
-                "riffusion_engine_waiting_jobs",
-            )
-            model_calls = (
-                sample.name == "bentoml_service_request_in_progress"
-                and "riffusion_model" in sample.labels.values()
-            )
-            if (engine_jobs or model_calls) and sample.value > 0:
-                return True
-    return False
-
-
-def wait_idle(url: str, settle_s: float = 2.0, limit_s: float = 900.0) -> None:
-    """Wait until the model service has had nothing to do for ``settle_s`` (work is counted)."""
-    deadline = time.monotonic() + limit_s
-    quiet_since: float | None = None
-    while time.monotonic() < deadline:
-        if busy(url):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= settle_s:
-            return
-        time.sleep(0.5)
+        await asyncio.gather(
+            *(_post(client, web_app_request(5000 + i, steps)) for i in range(clips))
+        )
 
 
 def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
@@ -322,7 +288,7 @@ def main(
                 arrivals.append(at)
             shift = (round_index + load_index) % len(mode_list)
             for mode in mode_list[shift:] + mode_list[:shift]:
-                wait_idle(urls[mode])
+                wait_idle(urls[mode], IDLE_LIMIT_S, IDLE_SETTLE_S)
                 results, wall = asyncio.run(open_loop(urls[mode], arrivals, steps, timeout_s=600))
                 windows.setdefault((mode, load), []).append((results, wall))
                 ok = [latency for latency, status in results if status == 200]
@@ -337,13 +303,13 @@ def main(
             load_results.append(summarise(mode, load, load * capacity, merged, wall, deadline_s))
         for mode in mode_list if abandon_clips else []:
             url = urls[mode]
-            wait_idle(url)
+            wait_idle(url, IDLE_LIMIT_S, IDLE_SETTLE_S)
             before, completed_before = unet_samples(url), unet_samples(url, "completed")
-            asyncio.run(_post_once(url, web_app_body(4999, steps)))  # one clip, for scale
+            asyncio.run(_post_once(url, web_app_request(4999, steps)))  # one clip, for scale
             per_clip = unet_samples(url) - before
             before, completed_before = unet_samples(url), unet_samples(url, "completed")
             asyncio.run(abandon(url, abandon_clips, abandon_after_s, steps))
-            wait_idle(url)
+            wait_idle(url, IDLE_LIMIT_S, IDLE_SETTLE_S)
             spent = unet_samples(url) - before
             finished = (unet_samples(url, "completed") - completed_before) / per_clip
             abandon_results.append(AbandonResult(mode, abandon_clips, spent, finished, per_clip))

@@ -32,7 +32,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.bench_engine import web_app_body
+from bench.bench_engine import web_app_request
 from bench.bench_service import serve
 from load_tests.session_client import SessionListener
 
@@ -102,7 +102,7 @@ def _per_request_traffic(url: str, steps: int, stop: threading.Event, out: dict[
             began = time.perf_counter()
             try:
                 response = httpx.post(
-                    f"{url}/run_inference/", json=web_app_body(seed, steps), timeout=120
+                    f"{url}/run_inference/", json=web_app_request(seed, steps), timeout=120
                 )
                 ok = response.status_code == 200
             except httpx.HTTPError:

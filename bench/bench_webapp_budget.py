@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline_gpu import sd15_random_components
 
+from load_tests.client import prompt_input, web_app_body
 from riffusion.api_schemas import RunInferenceRequest
 from riffusion.models import build_tiny_components, default_dtype
 from riffusion.pipeline import RiffusionPipeline
@@ -41,14 +42,12 @@ DENOISING = 0.75
 
 def web_app_job(steps: int) -> RunInferenceRequest:
     return RunInferenceRequest.model_validate(
-        {
-            "alpha": 0.25,
-            "num_inference_steps": steps,
-            "seed_image_id": "og_beat",
-            "mask_image_id": None,
-            "start": {"prompt": "church bells", "seed": 42, "denoising": DENOISING, "guidance": 7},
-            "end": {"prompt": "jazz with piano", "seed": 43, "denoising": DENOISING, "guidance": 7},
-        }
+        web_app_body(
+            0.25,
+            prompt_input("church bells", 42, DENOISING, 7.0),
+            prompt_input("jazz with piano", 43, DENOISING, 7.0),
+            steps,
+        )
     )
 
 

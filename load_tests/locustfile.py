@@ -47,13 +47,12 @@ from requests import Response
 # Importable both as `load_tests.locustfile` and as a file handed to `locust -f`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from load_tests.client import DEFAULT_SEED_IMAGE_ID, WEB_APP_STEPS
 from load_tests.session_client import SessionListener as SessionListener_
 from load_tests.traffic import (
     DEFAULT_DURATION_TOLERANCE_S,
-    DEFAULT_SEED_IMAGE_ID,
     PROMPTS,
     SHAPES,
-    WEB_APP_STEPS,
     AlphaWalk,
     CheckedClip,
     check_audio_file,

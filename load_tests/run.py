@@ -29,14 +29,8 @@ import click
 import httpx
 from rich.console import Console
 
-from load_tests.report import (
-    CSV_PREFIX,
-    METRICS_AFTER,
-    METRICS_BEFORE,
-    Thresholds,
-    threshold_options,
-    write_report,
-)
+from load_tests.report import threshold_options, write_report
+from load_tests.report_parse import CSV_PREFIX, METRICS_AFTER, METRICS_BEFORE, Thresholds
 from load_tests.server import LocalServer, StartupError, executable, log_tail, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

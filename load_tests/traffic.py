@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import random
@@ -21,12 +19,10 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, UnidentifiedImageError
 
+from load_tests.client import DEFAULT_SEED_IMAGE_ID, WEB_APP_STEPS, prompt_input, web_app_body
+from riffusion.api_schemas import decode_data_url as parse_data_url
+
 ALPHA_STEP = 0.25
-# What the web app sends (DESIGN.md section 5).
-WEB_APP_STEPS = 50
-WEB_APP_DENOISING = 0.75
-WEB_APP_GUIDANCE = 7.0
-DEFAULT_SEED_IMAGE_ID = "og_beat"
 # MP3 frames pad the decoded length; 80 ms is one 8-pixel latent column of the spectrogram.
 DEFAULT_DURATION_TOLERANCE_S = 0.3
 
@@ -68,12 +64,7 @@ class AlphaWalk:
 
     def _new_prompt_input(self, avoid: str | None = None) -> dict[str, Any]:
         prompt = self.rng.choice([p for p in PROMPTS if p != avoid])
-        return {
-            "prompt": prompt,
-            "seed": self.rng.randrange(0, 2**31),
-            "denoising": WEB_APP_DENOISING,
-            "guidance": WEB_APP_GUIDANCE,
-        }
+        return prompt_input(prompt, self.rng.randrange(0, 2**31))
 
     def next_body(self) -> dict[str, Any]:
         """The next request body: alpha 0, 0.25 ... 1, then 0.25 ... 1 towards a new end."""
@@ -86,14 +77,9 @@ class AlphaWalk:
             else:
                 self.alpha = min(1.0, self.alpha + ALPHA_STEP)
         self._started = True
-        return {
-            "alpha": self.alpha,
-            "num_inference_steps": self.num_inference_steps,
-            "seed_image_id": self.seed_image_id,
-            "mask_image_id": None,
-            "start": dict(self.start),
-            "end": dict(self.end),
-        }
+        return web_app_body(
+            self.alpha, self.start, self.end, self.num_inference_steps, self.seed_image_id
+        )
 
 
 @dataclass(frozen=True)
@@ -112,22 +98,14 @@ def decode_data_url(value: object, media_type_prefix: str) -> bytes:
         raise ResponseCheckError(
             f"expected a data URL for {media_type_prefix}*, got {_kind(value)}"
         )
-    header, sep, payload = value.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise ResponseCheckError(f"data URL is not base64: {header[:40]!r}")
-    media_type = header[len("data:") : -len(";base64")]
+    try:
+        media_type, data = parse_data_url(value)
+    except ValueError as error:
+        raise ResponseCheckError(str(error)) from error
     if not media_type.startswith(media_type_prefix):
         raise ResponseCheckError(f"data URL has type {media_type!r}, expected {media_type_prefix}*")
-    return decode_base64(payload, what=media_type)
-
-
-def decode_base64(payload: str, what: str) -> bytes:
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ResponseCheckError(f"{what}: invalid base64 ({error})") from error
     if not data:
-        raise ResponseCheckError(f"{what}: empty payload")
+        raise ResponseCheckError(f"{media_type}: empty payload")
     return data
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 from http import HTTPStatus
 from pathlib import Path
@@ -77,11 +78,17 @@ def data_url(media_type: str, payload: bytes) -> str:
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:
-    """Inverse of :func:`data_url`: (media type, payload)."""
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:") or not header.endswith(";base64"):
-        raise ValueError(f"not a base64 data URL: {url[:40]!r}")
-    return header[len("data:") : -len(";base64")], base64.b64decode(payload)
+    """Inverse of :func:`data_url`: (media type, payload); ValueError saying what is wrong."""
+    header, sep, payload = url.partition(",")
+    if not header.startswith("data:"):
+        raise ValueError(f"not a data URL: {url[:40]!r}")
+    if not sep or not header.endswith(";base64"):
+        raise ValueError(f"data URL is not base64: {header[:40]!r}")
+    media_type = header[len("data:") : -len(";base64")]
+    try:
+        return media_type, base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"{media_type}: invalid base64 ({error})") from error
 
 
 # ---------------------------------------------------------------- public API

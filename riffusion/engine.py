@@ -49,9 +49,9 @@ from riffusion.contracts import (
     JobRefused,
     PostProcessMode,
 )
-from riffusion.latents import lerp_float
+from riffusion.device_policy import device_policy
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
-from riffusion.schemas import DEFAULT_WIDTH, HEIGHT, GenerationJob
+from riffusion.schemas import GenerationJob
 
 __all__ = [
     "Engine",
@@ -70,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 # Weight of the newest sample in the step-time and post-processing averages.
 EWMA_WEIGHT = 0.2
-LATENT_SCALE = 8  # image pixels per latent pixel (the VAE's downsampling)
 
 
 @dataclass(eq=False)
@@ -116,19 +115,14 @@ class EngineJob:
 
 
 def default_postprocess(device: torch.device) -> PostProcessMode:
-    """Overlap decode + Griffin-Lim with the next steps on a GPU. On a CPU both would
-    compete for the same cores (torch uses all of them for each), so they run between
-    steps there (docs/benchmarks.md, "Engine", says what is measured)."""
-    return "thread" if device.type == "cuda" else "inline"
+    """The device policy's: overlap decode + Griffin-Lim with the next steps on a GPU;
+    between steps on a CPU, where both would compete for the same cores."""
+    return device_policy(device).postprocess
 
 
 def expected_steps(job: GenerationJob) -> int:
-    """Denoising steps ``job`` will run (img2img runs the last ``steps * denoising``)."""
-    if not job.is_img2img:
-        return job.num_inference_steps
-    alpha = job.alpha if job.end is not None else 0.0
-    denoising = lerp_float(job.start.denoising, job.end_or_start.denoising, alpha)
-    return min(int(job.num_inference_steps * denoising), job.num_inference_steps)
+    """Denoising steps ``job`` will run: its plan's (``GenerationJob.num_steps``)."""
+    return job.num_steps
 
 
 class StepTimes:
@@ -180,12 +174,6 @@ class StepTimes:
 
 def _bucket(work: int) -> int:
     return 1 << max(0, int(work) - 1).bit_length()
-
-
-def job_work(job: GenerationJob) -> int:
-    """Latent pixels of ``job`` before it is prepared (seed images assumed 512 px wide)."""
-    width = DEFAULT_WIDTH if job.is_img2img else job.width
-    return (HEIGHT // LATENT_SCALE) * (width // LATENT_SCALE)
 
 
 class Engine:
@@ -243,8 +231,9 @@ class Engine:
             deadline=now + timeout,
             submitted_at=now - max(0.0, waited_s),
             due=now + (timeout if due_s is None else min(max(due_s, 0.0), timeout)),
-            expected_steps=expected_steps(job),
-            work=job_work(job),
+            expected_steps=job.num_steps,
+            # Latent pixels, what one of its steps costs (seed images assumed 512 px wide).
+            work=math.prod(job.latent_size(self.pipeline.vae_scale_factor)),
         )
         with self._lock:
             if self._stopping:
@@ -462,7 +451,7 @@ class Engine:
             entries = sorted((e for e in entries if not self._dropped(e, now)), key=lambda e: e.due)
         # A GPU decodes and vocodes a group in one call for the price of one; on a CPU the
         # cost grows with every clip anyway, so each clip is answered as soon as it is done.
-        batched = self.pipeline.device.type == "cuda"
+        batched = self.pipeline.policy.batch_together
         key = (lambda e: e.prepared.latent_shape) if batched else (lambda e: e.id)
         for group in group_by(entries, key).values():
             began = time.perf_counter()

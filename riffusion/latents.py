@@ -35,14 +35,6 @@ def lerp(start: Tensor, end: Tensor, alpha: float) -> Tensor:
     return start * (1.0 - alpha) + end * alpha
 
 
-def lerp_float(start: float, end: float, alpha: float) -> float:
-    if alpha == 0.0:
-        return start
-    if alpha == 1.0:
-        return end
-    return start * (1.0 - alpha) + end * alpha
-
-
 def slerp(start: Tensor, end: Tensor, alpha: float, dot_threshold: float = 0.9995) -> Tensor:
     """Spherical interpolation between two noise tensors (linear when nearly parallel).
 

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from riffusion.engine import StepTimes, expected_steps, job_work
+from riffusion.engine import StepTimes
 from riffusion.schemas import DEFAULT_WIDTH, GenerationJob
 
 RETRY_AFTER_S = 30.0  # listeners stay for minutes: the hint for a refused one
@@ -46,10 +46,11 @@ class Demand:
     period_s: float
 
 
-def demand_of(job: GenerationJob, step_ms: float = 10.0) -> Demand:
+def demand_of(job: GenerationJob, vae_scale_factor: int, step_ms: float = 10.0) -> Demand:
     """One clip like ``job`` every clip length (one image pixel per ``step_ms``)."""
     width = DEFAULT_WIDTH if job.is_img2img else job.width
-    return Demand(expected_steps(job), job_work(job), width * step_ms / 1000)
+    work = math.prod(job.latent_size(vae_scale_factor))
+    return Demand(job.num_steps, work, width * step_ms / 1000)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ListenerAdmission:
         utilization: float = 0.8,
         max_listeners: int | None = None,
         predict: bool = True,
+        vae_scale_factor: int = 8,
         lease_s: float = 60.0,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -84,6 +86,7 @@ class ListenerAdmission:
         self.utilization = utilization
         self.max_listeners = max_listeners
         self.predict = predict
+        self.vae_scale_factor = vae_scale_factor
         self.lease_s = lease_s
         self.window_s = window_s
         self.clock = clock
@@ -93,6 +96,10 @@ class ListenerAdmission:
         self._started_at = clock()
 
     # --- what the model service calls ----------------------------------------------------------
+
+    def demand(self, job: GenerationJob) -> Demand:
+        """A listener (or a per-request client) asking for clips like ``job``."""
+        return demand_of(job, self.vae_scale_factor)
 
     def open(self, listener_id: str, demand: Demand) -> Decision:
         """Admit ``listener_id`` if every admitted listener, it included, stays in real time."""

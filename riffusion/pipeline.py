@@ -41,6 +41,7 @@ from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
 from riffusion.contracts import InvalidJobError
+from riffusion.device_policy import device_policy
 from riffusion.heap import release_freed_memory
 from riffusion.latents import (
     LATENT_CHANNELS,
@@ -48,7 +49,6 @@ from riffusion.latents import (
     LRUCache,
     keep_mask_from_image,
     lerp,
-    lerp_float,
     model_output_to_pixels,
     pixels_to_model_input,
     seeded_noise,
@@ -64,6 +64,7 @@ from riffusion.schemas import (
     WIDTH_MULTIPLE,
     GenerationJob,
     PromptInput,
+    lerp_float,
 )
 from riffusion.seed_images import SeedImageLibrary
 from riffusion.spectrogram import (
@@ -164,8 +165,9 @@ class RiffusionPipeline:
         # On a CPU oneDNN convolves channels-last tensors without reordering them to and
         # from its blocked layout: a 2048 px decode takes ~30 % less time and ~50 MB less
         # memory (docs/benchmarks.md, "Hardening: memory per request").
+        self.policy = device_policy(self.device)
         self.vae_memory_format = (
-            torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+            torch.channels_last if self.policy.vae_channels_last else torch.contiguous_format
         )
         vae.to(memory_format=self.vae_memory_format)  # type: ignore[call-arg]
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
@@ -254,19 +256,13 @@ class RiffusionPipeline:
         if images is None:
             images = self._validate_job(index, job)
         start, end = job.start, job.end_or_start
-        # Without an end input the job is the start input alone, whatever alpha says.
-        alpha = job.alpha if job.end is not None else 0.0
+        alpha = job.effective_alpha  # 0 without an end input
 
         text_embeddings = self._text_embeddings(job, alpha)  # (2, T, D)
         guidance = lerp_float(start.guidance, end.guidance, alpha)
 
-        image_width = images.seed_image.width if images.seed_image is not None else job.width
-        latent_shape = (
-            1,
-            LATENT_CHANNELS,
-            HEIGHT // self.vae_scale_factor,
-            image_width // self.vae_scale_factor,
-        )
+        seed_width = images.seed_image.width if images.seed_image is not None else None
+        latent_shape = (1, LATENT_CHANNELS, *job.latent_size(self.vae_scale_factor, seed_width))
         noise = slerp(
             seeded_noise(start.seed, latent_shape), seeded_noise(end.seed, latent_shape), alpha
         )
@@ -276,8 +272,7 @@ class RiffusionPipeline:
         init_latents: Tensor | None = None
         keep_mask: Tensor | None = None
         if images.seed_image is not None and images.seed_key is not None:
-            denoising = lerp_float(start.denoising, end.denoising, alpha)
-            schedule = schedule_job(scheduler, job.num_inference_steps, denoising)
+            schedule = schedule_job(scheduler, job.num_inference_steps, job.img2img_denoising)
             init_latents = self._seed_latents(images.seed_key, images.seed_image, start.seed)
             if schedule.num_steps > 0:
                 latents = schedule.add_noise(init_latents, noise, schedule.timesteps[0])
@@ -326,9 +321,15 @@ class RiffusionPipeline:
         def encode() -> Tensor:
             vae = self.components.vae
             pixels = pixels_to_model_input(image).to(self.device, vae.dtype)
+            posterior = vae.encode(pixels).latent_dist
+            # The sample's noise is drawn in float32 whatever the model's dtype: a CPU
+            # generator draws other numbers in half precision than in float32 (for
+            # tensors of 16 or more elements), so ``latent_dist.sample`` would give a
+            # float16 deployment other seed latents than the float32 reference.
             generator = torch.Generator("cpu").manual_seed(seed)
-            sample = vae.encode(pixels).latent_dist.sample(generator=generator)
-            return (sample * self.vae_scaling).float()
+            noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+            mean, std = posterior.mean.float(), posterior.std.float()
+            return (mean + std * noise.to(self.device)) * self.vae_scaling
 
         return self.seed_latent_cache.get_or_compute((key, seed), encode)
 
@@ -400,6 +401,12 @@ class RiffusionPipeline:
         vae = self.components.vae
         latents = latents.to(self.device, vae.dtype) / self.vae_scaling
         decoded = vae.decode(latents.contiguous(memory_format=self.vae_memory_format)).sample
+        if not bool(torch.isfinite(decoded).all()):
+            # fp16 activations overflow above 65504; uint8 pixels would hide it as noise.
+            raise FloatingPointError(
+                f"the VAE decode gave non-finite values in {decoded.dtype}; "
+                "load the model in float32 or bfloat16"
+            )
         return model_output_to_pixels(decoded)
 
     def griffin_lim(
@@ -448,7 +455,7 @@ class RiffusionPipeline:
         already runs item by item there). Timings cover the job's own stages; the
         caller adds ``total`` (it knows when the job began).
         """
-        if self.device.type == "cuda":
+        if self.policy.batch_together:
             return self._finish_together(group)
         clips: list[GeneratedClip] = []
         for state in group:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -144,29 +144,18 @@ def plan_riff(
     start: PromptInput,
     end: PromptInput | None = None,
     *,
-    num_inference_steps: int = 50,
-    clip_duration_s: float = CLIP_DURATION_S,
-    overlap_s: float = OVERLAP_S,
-    denoising: float = RIFF_DENOISING,
     mask_image_id: str | None = None,
     params: SpectrogramParams | None = None,
+    **slicing: Any,
 ) -> RiffPlan:
-    """``slice_riff``, each job with its init image: one img2img job per overlapping clip."""
+    """``slice_riff`` (``slicing``: its keyword options), each job with its init image:
+    one img2img job per overlapping clip."""
     if params is None:
         from riffusion.spectrogram import SpectrogramParams
 
         params = SpectrogramParams()
-    plan = slice_riff(
-        audio,
-        start,
-        end,
-        num_inference_steps=num_inference_steps,
-        clip_duration_s=clip_duration_s,
-        overlap_s=overlap_s,
-        denoising=denoising,
-        sample_rate=params.sample_rate,
-        step_size_ms=params.step_size_ms,
-    )
+    slicing = {"sample_rate": params.sample_rate, "step_size_ms": params.step_size_ms, **slicing}
+    plan = slice_riff(audio, start, end, **slicing)
     jobs = [
         with_init_image(job, clip, mask_image_id, params)
         for job, clip in zip(plan.jobs, plan.clips, strict=True)

@@ -25,7 +25,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-from riffusion.schemas import SchedulerName
+from riffusion.schemas import SchedulerName, img2img_steps
 
 # diffusers schedulers share a duck-typed interface (set_timesteps, scale_model_input,
 # step, add_noise) that SchedulerMixin does not declare, so they are typed as Any here.
@@ -98,7 +98,7 @@ def schedule_job(
     all_timesteps: Tensor = scheduler.timesteps
     if denoising is None:
         return JobSchedule(scheduler, noiser, all_timesteps)
-    init_steps = min(int(num_inference_steps * denoising), num_inference_steps)
+    init_steps = img2img_steps(num_inference_steps, denoising)
     start = max(num_inference_steps - init_steps, 0) * scheduler.order
     timesteps = all_timesteps[start:] if init_steps > 0 else all_timesteps[:0]
     if hasattr(scheduler, "set_begin_index"):

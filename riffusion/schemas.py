@@ -31,6 +31,20 @@ SAMPLE_RATE = 44100
 STEP_SIZE_MS = 10
 
 
+def lerp_float(start: float, end: float, alpha: float) -> float:
+    """``start`` to ``end`` at ``alpha``, exact at both ends."""
+    if alpha == 0.0:
+        return start
+    if alpha == 1.0:
+        return end
+    return start * (1.0 - alpha) + end * alpha
+
+
+def img2img_steps(num_inference_steps: int, denoising: float) -> int:
+    """Steps an img2img job runs: the last ``int(steps * denoising)`` of its schedule."""
+    return min(int(num_inference_steps * denoising), num_inference_steps)
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be blank")
@@ -129,6 +143,35 @@ class GenerationJob(BaseModel):
     @property
     def end_or_start(self) -> PromptInput:
         return self.end if self.end is not None else self.start
+
+    # --- the job's plan: what the pipeline, the engine and its predictions all use ---
+
+    @property
+    def effective_alpha(self) -> float:
+        """Without an end input the job is the start input alone, whatever alpha says."""
+        return self.alpha if self.end is not None else 0.0
+
+    @property
+    def img2img_denoising(self) -> float | None:
+        """Denoising strength lerped at the effective alpha; None without a seed image."""
+        if not self.is_img2img:
+            return None
+        return lerp_float(self.start.denoising, self.end_or_start.denoising, self.effective_alpha)
+
+    @property
+    def num_steps(self) -> int:
+        """Denoising steps the job runs (img2img runs the last ``steps * denoising``)."""
+        denoising = self.img2img_denoising
+        if denoising is None:
+            return self.num_inference_steps
+        return img2img_steps(self.num_inference_steps, denoising)
+
+    def latent_size(self, vae_scale_factor: int, image_width: int | None = None) -> tuple[int, int]:
+        """(height, width) of the job's latents: the seed image's width when known (one
+        is assumed ``DEFAULT_WIDTH`` wide before it is read), else ``width``."""
+        if image_width is None:
+            image_width = DEFAULT_WIDTH if self.is_img2img else self.width
+        return HEIGHT // vae_scale_factor, image_width // vae_scale_factor
 
 
 def width_for_duration(duration_s: float, step_size_ms: int = STEP_SIZE_MS) -> int:

@@ -59,6 +59,11 @@ RETRY_AFTER_S = {429: 1, 503: 5}
 # BentoML's own routes besides the API's (the index page, docs, static assets).
 BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/metrics"})
 BENTOML_PREFIXES = ("/static_content/", "/assets/")
+# The one CORS configuration: this module's outer layer answers preflights and covers
+# what it answers itself (401, 404, 413, 415, probes); BentoML's own layer, given the
+# same settings (``bentoml_http_config``), is what the Bento records.
+CORS_METHODS = ["GET", "POST", "OPTIONS"]
+CORS_EXPOSE_HEADERS = ["X-Riffusion-Pipeline-Seconds", "Retry-After"]
 # Error bodies BentoML writes are small; anything larger is passed through untouched.
 _MAX_SHAPED_BODY = 256 * 1024
 
@@ -473,9 +478,9 @@ def install(
             Middleware(
                 CORSMiddleware,
                 allow_origins=cors_origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=CORS_METHODS,
                 allow_headers=["*"],
-                expose_headers=["X-Riffusion-Pipeline-Seconds", "Retry-After"],
+                expose_headers=CORS_EXPOSE_HEADERS,
             ),
             Middleware(ErrorShapeMiddleware),
             Middleware(ProbeMiddleware, probe=probe),
@@ -494,6 +499,19 @@ def install(
     build.__wrapped__ = original_call  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = build
     return probe
+
+
+def bentoml_http_config(cors_origins: list[str]) -> dict[str, Any]:
+    """The service decorator's ``http`` argument: BentoML's CORS with this module's settings."""
+    return {
+        "cors": {
+            "enabled": True,
+            "access_control_allow_origins": cors_origins,
+            "access_control_allow_methods": CORS_METHODS,
+            "access_control_allow_headers": ["*"],
+            "access_control_expose_headers": CORS_EXPOSE_HEADERS,
+        }
+    }
 
 
 def answer_api_errors(service: Any) -> None:

@@ -25,15 +25,12 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = Histogram(
     name="riffusion_batch_size",
-    documentation=(
-        "Jobs sharing one UNet forward: per denoising step (continuous batching) "
-        "or per adaptive batch."
-    ),
+    documentation="Jobs sharing one UNet forward, observed at every denoising step (every mode).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
 QUEUE_WAIT = Histogram(
     name="riffusion_queue_wait_seconds",
-    documentation="Time from a clip's submission to its first denoising step.",
+    documentation="Time from the API service sending a clip to its first denoising step.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 DENOISE_STEP = Histogram(

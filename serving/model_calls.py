@@ -157,13 +157,11 @@ def _account(
     requests: Sequence[ModelRequest],
     jobs: Sequence[GenerationJob | Exception],
 ) -> None:
-    from riffusion.listeners import demand_of  # torch: the model service only
-
     for request, job in zip(requests, jobs, strict=True):
         if isinstance(job, Exception):
             continue
         if request.listener_id is None or not admission.renew(request.listener_id):
-            admission.note_request(demand_of(job))
+            admission.note_request(admission.demand(job))
 
 
 async def _answer(outcome: EngineJob | BaseException) -> ModelReply:
@@ -253,7 +251,7 @@ class ModelClient:
         for attempt in (1, 2):
             try:
                 if self.mode == "adaptive":
-                    [answer] = await self.model.to_async.generate([request])
+                    [answer] = await self.model.to_async.submit_batch([request])
                 else:
                     answer = await self.model.to_async.submit(request)
                 return ModelReply.model_validate(answer)

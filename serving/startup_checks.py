@@ -24,7 +24,9 @@ from typing import Any
 import psutil
 from bentoml.exceptions import BentoMLException
 
-logger = logging.getLogger("riffusion.service")
+# Under BentoML's logger: its handler prints INFO lines in the server log (the root
+# logger, and so "riffusion.*", stays at WARNING under `bentoml serve`).
+logger = logging.getLogger("bentoml.riffusion")
 READY_POLL_S = 0.5
 
 

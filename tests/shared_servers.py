@@ -9,14 +9,12 @@ their own start a dedicated instance instead, and say why.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from load_tests.client import wait_idle
 from load_tests.server import LocalServer, StartupError
 
 SHARED_API_KEY = "shared-test-key"
@@ -101,7 +99,7 @@ class SharedServers:
         elif server.process is None or server.process.poll() is not None:
             # An earlier module broke it: say so rather than restart and hide that.
             raise StartupError(f"the shared {name} exited; log: {server.log_path}")
-        wait_idle(server.url)
+        wait_idle(server.url, IDLE_TIMEOUT_S)  # zero on a fresh one, and before each module
         return server
 
     def stop(self, name: str) -> None:
@@ -112,35 +110,3 @@ class SharedServers:
     def stop_all(self) -> None:
         for name in list(self._running):
             self.stop(name)
-
-
-def metric_total(url: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """Sum of a metric's samples on ``url``'s /metrics whose labels include ``labels``."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-        and all(sample.labels.get(key) == value for key, value in (labels or {}).items())
-    )
-
-
-def work_in_flight(url: str) -> dict[str, float]:
-    """The BUSY_GAUGES that are not zero on the instance at ``url``."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    busy = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in BUSY_GAUGES and sample.value:
-                busy[sample.name] = busy.get(sample.name, 0.0) + sample.value
-    return busy
-
-
-def wait_idle(url: str, timeout_s: float = IDLE_TIMEOUT_S) -> None:
-    """Wait until an earlier module's clips (e.g. a load test's abandoned ones) are gone."""
-    deadline = time.monotonic() + timeout_s
-    while busy := work_in_flight(url):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} still busy after {timeout_s:.0f} s: {busy}")
-        time.sleep(0.5)

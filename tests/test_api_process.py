@@ -1,4 +1,5 @@
-"""The API service's process never imports torch, diffusers or transformers.
+"""The API service's process never imports torch, diffusers or transformers; the model
+service's module exposes only the API its batching mode uses.
 
 A fresh interpreter imports service.py and runs what the API service does with a
 request (validation, audio-to-audio slicing, the model-service payloads both ways,
@@ -13,6 +14,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "torchaudio", "diffusers", "transformers")
@@ -58,29 +62,41 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)))
 """
 
 
-def test_the_api_path_imports_no_torch(tmp_path: Path) -> None:
-    env = {**os.environ, "RIFFUSION_MODEL": "tiny", "BENTOML_HOME": str(tmp_path)}
+def run_python(code: str, **env: str) -> Any:
+    """Run ``code`` in a fresh interpreter at the repository root; the JSON it printed last."""
     done = subprocess.run(
-        [sys.executable, "-c", f"HEAVY = {HEAVY!r}\n{API_PATH}"],
+        [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "RIFFUSION_MODEL": "tiny", **env},
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_check_sees_torch_when_it_is_imported(tmp_path: Path) -> None:
+def test_the_api_path_imports_no_torch(tmp_path: Path) -> None:
+    loaded = run_python(f"HEAVY = {HEAVY!r}\n{API_PATH}", BENTOML_HOME=str(tmp_path))
+    assert loaded == []
+
+
+def test_the_check_sees_torch_when_it_is_imported() -> None:
     """The check itself: the model side's modules do load torch."""
     code = (
         f"import json, sys\nHEAVY = {HEAVY!r}\nimport riffusion.engine\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(HEAVY))))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "torch" in json.loads(done.stdout.strip().splitlines()[-1])
+    assert "torch" in run_python(code)
+
+
+@pytest.mark.parametrize(
+    ("mode", "jobs_api"),
+    [("continuous", "submit"), ("off", "submit"), ("adaptive", "submit_batch")],
+)
+def test_the_model_service_exposes_only_its_modes_api(mode: str, jobs_api: str) -> None:
+    """One way in per mode: ``submit`` (the engine) or ``submit_batch`` (BentoML batches for it)."""
+    code = "import json, service; print(json.dumps(sorted(service.RiffusionModel.apis)))"
+    apis = run_python(code, RIFFUSION_BATCHING=mode)
+    assert apis == sorted(["cancel", "describe", jobs_api])

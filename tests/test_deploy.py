@@ -26,6 +26,8 @@ K8S_VERSIONS = ("1.30.0", "1.33.0")
 # Kinds of custom resources (kube-prometheus-stack): not in the core API schemas.
 CUSTOM_KINDS = {"PodMonitor"}
 AUTOSCALING_METRIC = "riffusion_clips_in_flight"
+# The same quantity from BentoML's own gauge: the HPA's fallback when the first is missing.
+FALLBACK_METRIC = "riffusion_model_requests_in_progress"
 
 
 @cache
@@ -455,18 +457,24 @@ def test_tiny_model_on_a_gpu_is_refused_unless_asked_for() -> None:
     refuse_tiny_on_gpu({**tiny_on_gpu, "is_tiny": False}, allowed=False)
 
 
-def test_disruption_budget_lets_a_single_replica_drain() -> None:
+def test_a_drain_is_not_an_outage() -> None:
+    """Evictions delete before the replacement exists: two replicas at least, one evicted
+    at a time, and the budget never blocks a drain."""
     manifests = _manifests()
     pdb = manifests["PodDisruptionBudget/riffusion"]
     hpa = manifests["HorizontalPodAutoscaler/riffusion"]
     pod_labels = _deployment()["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    spec = pdb["spec"]
-    if "minAvailable" in spec:
-        # Must leave one pod evictable at the smallest scale.
-        assert int(spec["minAvailable"]) < hpa["spec"]["minReplicas"]
-    else:
-        assert int(spec["maxUnavailable"]) >= 1
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert _deployment()["spec"]["replicas"] >= hpa["spec"]["minReplicas"]
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # Rolling updates surge first and keep every ready pod until its replacement is ready.
+    strategy = _deployment()["spec"]["strategy"]["rollingUpdate"]
+    assert strategy == {"maxSurge": 1, "maxUnavailable": 0}
+    # What pdb.yaml says is what Kubernetes does: no claim that a drain surges first.
+    comment = (K8S_DIR / "pdb.yaml").read_text()
+    assert "deleted first" in comment and "surges a replacement first" not in comment
 
 
 def test_service_selects_the_deployment_pods() -> None:
@@ -491,10 +499,10 @@ def test_pod_monitor_scrapes_the_pods_metrics() -> None:
     assert not any(key.startswith("prometheus.io/") for key in annotations)
 
 
-def adapter_rule() -> dict[str, Any]:
-    """The prometheus-adapter rule that publishes the autoscaling metric."""
+def adapter_rule(metric: str = AUTOSCALING_METRIC) -> dict[str, Any]:
+    """The prometheus-adapter rule that publishes an autoscaling metric."""
     values = yaml.safe_load(ADAPTER_VALUES.read_text())
-    [rule] = [r for r in values["rules"]["custom"] if r["name"]["as"] == AUTOSCALING_METRIC]
+    [rule] = [r for r in values["rules"]["custom"] if r["name"]["as"] == metric]
     return rule
 
 
@@ -506,13 +514,24 @@ def test_autoscaler_targets_the_adapter_metric_per_pod() -> None:
         "name": "riffusion",
     }
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    [metric] = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == AUTOSCALING_METRIC
-    assert metric["pods"]["target"]["type"] == "AverageValue"
-    rule = adapter_rule()
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+    primary, fallback, cpu = hpa["spec"]["metrics"]
+    # The custom metric and its fallback: the same quantity, the same target, two series.
+    for metric, name in ((primary, AUTOSCALING_METRIC), (fallback, FALLBACK_METRIC)):
+        assert metric["type"] == "Pods"
+        assert metric["pods"]["metric"]["name"] == name
+        assert metric["pods"]["target"] == primary["pods"]["target"]
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+        rule = adapter_rule(name)
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+    assert (
+        adapter_rule(AUTOSCALING_METRIC)["seriesQuery"].split("{")[0]
+        != (adapter_rule(FALLBACK_METRIC)["seriesQuery"].split("{")[0])
+    )
+    # Outside Prometheus altogether (metrics-server), and the pod requests the CPU it measures.
+    assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
+    assert 50 <= cpu["resource"]["target"]["averageUtilization"] <= 95
+    assert "cpu" in _container()["resources"]["requests"]
     # The adapter's config lives in its own (Helm) values, not in the app's namespace.
     assert not any(
         doc["kind"] == "ConfigMap" and "adapter" in doc["metadata"]["name"] for doc in _rendered()

@@ -23,18 +23,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from load_tests.report import (
+    main as report_main,
+)
+from load_tests.report import plot_history, render_markdown
+from load_tests.report_parse import (
     HistoryPoint,
     Thresholds,
     histogram_deltas,
     load_steps,
-    plot_history,
     read_history,
-    render_markdown,
     summarize,
     threshold_violations,
-)
-from load_tests.report import (
-    main as report_main,
 )
 from load_tests.run import parse_env_assignments, parse_run_time
 from load_tests.server import LocalServer

@@ -21,10 +21,13 @@ import pytest
 import yaml
 
 from load_tests.server import LocalServer, free_port, log_tail, stop_process_group
-from tests.test_deploy import adapter_rule
+from tests.test_deploy import AUTOSCALING_METRIC, FALLBACK_METRIC, adapter_rule
 
 NAMESPACE = "riffusion-test"
 POD = "riffusion-0"
+# The same instance scraped a second time as another pod whose riffusion_clips_in_flight
+# is dropped at scrape time: a pod whose custom metric has gone missing.
+POD_WITHOUT_METRIC = "riffusion-1"
 SCRAPE_INTERVAL = "500ms"
 CLIPS = 3
 # Enough denoising steps that the tiny model keeps the clips in flight for several
@@ -69,7 +72,24 @@ def prometheus(served: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 "static_configs": [
                     {"targets": [target], "labels": {"namespace": NAMESPACE, "pod": POD}}
                 ],
-            }
+            },
+            {
+                "job_name": "riffusion-without-custom-metric",
+                "metrics_path": "/metrics",
+                "static_configs": [
+                    {
+                        "targets": [target],
+                        "labels": {"namespace": NAMESPACE, "pod": POD_WITHOUT_METRIC},
+                    }
+                ],
+                "metric_relabel_configs": [
+                    {
+                        "source_labels": ["__name__"],
+                        "regex": AUTOSCALING_METRIC,
+                        "action": "drop",
+                    }
+                ],
+            },
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -166,3 +186,45 @@ def test_metrics_query_equals_the_clips_in_flight(served: str, prometheus: str) 
         assert [call.result() for call in calls] == [200] * CLIPS
 
     _wait_for(lambda: _query(prometheus, promql).get(POD) == 0, 30, f"{promql} not back to 0")
+
+
+def test_fallback_metric_scales_when_the_custom_metric_is_missing(
+    served: str, prometheus: str
+) -> None:
+    """The HPA's second metric (deploy/kubernetes/hpa.yaml) counts the same clips from
+    BentoML's own gauge: where riffusion_clips_in_flight is missing it still reports them,
+    so the HPA keeps scaling up on it instead of stalling at <unknown>."""
+    primary = adapter_rule(AUTOSCALING_METRIC)
+    fallback = adapter_rule(FALLBACK_METRIC)
+    pods = [POD, POD_WITHOUT_METRIC]
+    primary_query = render_metrics_query(primary, series_name(primary), NAMESPACE, pods)
+    fallback_query = render_metrics_query(fallback, series_name(fallback), NAMESPACE, pods)
+
+    def idle() -> bool:
+        return _query(prometheus, fallback_query) == {POD: 0, POD_WITHOUT_METRIC: 0}
+
+    _wait_for(
+        idle, 60, lambda: f"{fallback_query} not 0 at idle: {_query(prometheus, fallback_query)}"
+    )
+    # The broken pod has no custom metric at all: the adapter would answer nothing for it.
+    assert POD_WITHOUT_METRIC not in _query(prometheus, primary_query)
+
+    with ThreadPoolExecutor(CLIPS) as pool:
+        calls: list[Future[int]] = [
+            pool.submit(_text_to_audio, served, seed) for seed in range(11, 11 + CLIPS)
+        ]
+
+        def fallback_sees_all() -> bool:
+            return _query(prometheus, fallback_query) == {POD: CLIPS, POD_WITHOUT_METRIC: CLIPS}
+
+        _wait_for(
+            fallback_sees_all,
+            DEADLINE_S,
+            lambda: f"{fallback_query} never reached {CLIPS}: {_query(prometheus, fallback_query)}",
+        )
+        assert not any(call.done() for call in calls), "a clip finished before the check"
+        # Where both exist they agree, so one target (8 per pod) fits both.
+        assert _query(prometheus, primary_query) == {POD: CLIPS}
+        assert [call.result() for call in calls] == [200] * CLIPS
+
+    _wait_for(idle, 30, f"{fallback_query} not back to 0")

@@ -24,6 +24,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from load_tests.client import prompt_input, web_app_body
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 CLIP_PX = 64  # seed images cropped to this width: 0.64 s clips
@@ -31,14 +33,9 @@ MAX_UPLOAD_MB = 0.25
 MAX_UPLOAD_SECONDS = 3.0
 MAX_CONCURRENCY = 3
 
-WEB_APP_REQUEST = {
-    "alpha": 0.75,
-    "num_inference_steps": STEPS,
-    "seed_image_id": "og_beat",
-    "mask_image_id": None,
-    "start": {"prompt": "church bells on sunday", "seed": 42, "denoising": 0.75, "guidance": 7.0},
-    "end": {"prompt": "jazz with piano", "seed": 123, "denoising": 0.75, "guidance": 7.0},
-}
+WEB_APP_REQUEST = web_app_body(
+    0.75, prompt_input("church bells on sunday", 42), prompt_input("jazz with piano", 123), STEPS
+)
 
 
 def make_small_library(directory: Path, width: int = CLIP_PX) -> None:

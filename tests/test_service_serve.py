@@ -23,12 +23,11 @@ import psutil
 import pytest
 import soundfile as sf
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
+from load_tests.client import histogram, metric_total, prompt_input, web_app_body
 from load_tests.server import LocalServer
 from riffusion.api_schemas import decode_data_url
 from serving.worker_temp import PREFIX
-from tests.shared_servers import metric_total
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -36,15 +35,10 @@ READY_TIMEOUT_S = 300
 STEPS = 2
 NUM_CONCURRENT = 4
 
-# The riffusion web app's request, verbatim (DESIGN.md section 5).
-WEB_APP_REQUEST = {
-    "alpha": 0.75,
-    "num_inference_steps": 50,
-    "seed_image_id": "og_beat",
-    "mask_image_id": None,
-    "start": {"prompt": "church bells on sunday", "seed": 42, "denoising": 0.75, "guidance": 7.0},
-    "end": {"prompt": "jazz with piano", "seed": 123, "denoising": 0.75, "guidance": 7.0},
-}
+# The riffusion web app's request, verbatim (its defaults: 50 steps, og_beat, denoising 0.75).
+WEB_APP_REQUEST = web_app_body(
+    0.75, prompt_input("church bells on sunday", 42), prompt_input("jazz with piano", 123)
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +56,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     with LocalServer(tmp / "serve.log", "tiny", env, READY_TIMEOUT_S) as local:
         yield local.url
-
-
-def _histogram(base_url: str, name: str) -> dict[str, float]:
-    """{le: cumulative count} plus '_count' and '_sum' for one histogram, summed over labels."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                key = sample.labels["le"]
-            else:
-                key = sample.name[len(name) :]
-            values[key] = values.get(key, 0.0) + sample.value
-    return values
 
 
 def _text_to_audio_body(seed: int) -> dict[str, Any]:
@@ -150,7 +128,7 @@ def test_web_app_request_gets_jpeg_and_mp3_of_stated_duration(server: str) -> No
 
 def test_concurrent_requests_are_batched_and_match_solo_results(server: str) -> None:
     seeds = list(range(100, 100 + NUM_CONCURRENT))
-    before = _histogram(server, "riffusion_batch_size")
+    before = histogram(server, "riffusion_batch_size")
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=300) as client:
@@ -160,7 +138,7 @@ def test_concurrent_requests_are_batched_and_match_solo_results(server: str) -> 
 
     together = asyncio.run(fire())
     assert all(r.status_code == 200 for r in together), [r.text for r in together]
-    after = _histogram(server, "riffusion_batch_size")
+    after = histogram(server, "riffusion_batch_size")
 
     # The engine observes the running batch once per denoising step.
     steps = after["_count"] - before.get("_count", 0.0)
@@ -196,8 +174,8 @@ def test_custom_metrics_on_public_port(server: str) -> None:
         "riffusion_denoise_step_seconds",
         "riffusion_clip_latency_seconds",
     ):
-        histogram = _histogram(server, name)
-        assert histogram.get("_count", 0) > 0, f"{name} missing or empty"
+        values = histogram(server, name)
+        assert values.get("_count", 0) > 0, f"{name} missing or empty"
     # The autoscaling signal (deploy/kubernetes) and the engine's queue and job counters.
     for series in (
         "riffusion_clips_in_flight ",

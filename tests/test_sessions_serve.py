@@ -18,9 +18,10 @@ import psutil
 import pytest
 import websocket
 
+from load_tests.client import metric_total
 from load_tests.server import LocalServer
 from load_tests.session_client import SessionListener, session_url
-from tests.shared_servers import READY_TIMEOUT_S, metric_total
+from tests.shared_servers import READY_TIMEOUT_S
 
 API_KEY = "session-test-key"
 SETTINGS = {"prompt": "church bells on sunday", "seed": 5, "num_inference_steps": 4}

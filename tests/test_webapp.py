@@ -18,6 +18,7 @@ import soundfile as sf
 from PIL import Image
 from pydantic import ValidationError
 
+from load_tests.client import prompt_input, web_app_body
 from load_tests.server import LocalServer
 from riffusion.api_schemas import RunInferenceRequest
 
@@ -91,14 +92,14 @@ def app_request(
 ) -> dict[str, Any]:
     """ModelInference.runInference's body, keys in its order, same prompt (no transition):
     the end input repeats the prompt with the next seed."""
-    return {
-        "alpha": alpha,
-        "num_inference_steps": STEPS,
-        "seed_image_id": seed_image_id,
-        "mask_image_id": mask_image_id,
-        "start": {"prompt": prompt, "seed": seed, "denoising": 0.75, "guidance": 7.0},
-        "end": {"prompt": prompt, "seed": seed + 1, "denoising": 0.75, "guidance": 7.0},
-    }
+    return web_app_body(
+        alpha,
+        prompt_input(prompt, seed),
+        prompt_input(prompt, seed + 1),
+        STEPS,
+        seed_image_id,
+        mask_image_id,
+    )
 
 
 def proxy(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:

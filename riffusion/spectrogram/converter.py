@@ -17,6 +17,7 @@ import torch
 import torchaudio.transforms as T
 from torch import Tensor
 
+from riffusion.device_policy import device_policy
 from riffusion.spectrogram.params import SpectrogramError, SpectrogramParams
 from riffusion.spectrogram.stft import ChunkBuffers, StftGrid
 
@@ -179,7 +180,7 @@ class SpectrogramConverter:
     @torch.inference_mode()
     def linear_amplitudes_from_mel(self, amplitudes: Tensor) -> Tensor:
         """(..., n_mels, frames) -> (..., n_stft, frames): least-squares inverse mel, >= 0."""
-        self._check_mel_shape(amplitudes)
+        self._check_mel(amplitudes)
         amplitudes = amplitudes.to(self.device, torch.float32)
         return torch.matmul(self.inverse_mel_matrix, amplitudes).clamp_(min=0)
 
@@ -193,9 +194,9 @@ class SpectrogramConverter:
         (its rows above the band are exactly zero), so the full-rate linear
         spectrogram is never built.
         """
-        self._check_mel_shape(amplitudes)
+        self._check_mel(amplitudes)
         per_item = generator is not None and not isinstance(generator, torch.Generator)
-        if per_item and self.device.type == "cpu" and amplitudes.dim() > 3:
+        if per_item and not device_policy(self.device).batch_together and amplitudes.dim() > 3:
             # On a CPU a whole batch's FFT buffers outgrow the caches: item by item is
             # about 2x faster (docs/benchmarks.md). A GPU takes the batch in one go.
             generators = list(cast("Sequence[torch.Generator]", generator))
@@ -249,6 +250,7 @@ class SpectrogramConverter:
 
         Memory: see ``_griffin_lim_on``.
         """
+        _check_precision(magnitudes, "magnitudes")
         leading = magnitudes.shape[:-2]
         magnitudes = magnitudes.reshape(-1, *magnitudes.shape[-2:]).to(self.device, torch.float32)
         if magnitudes.shape[-2] != self.grid.n_stft:
@@ -401,7 +403,8 @@ class SpectrogramConverter:
                     )
                 item += 1
 
-    def _check_mel_shape(self, amplitudes: Tensor) -> None:
+    def _check_mel(self, amplitudes: Tensor) -> None:
+        _check_precision(amplitudes, "mel amplitudes")
         if amplitudes.ndim < 2 or amplitudes.shape[-2] != self.n_mels:
             raise SpectrogramError(
                 f"mel amplitudes must be (..., {self.n_mels}, frames), "
@@ -414,6 +417,24 @@ class SpectrogramConverter:
                 f"need at least {min_frames} frames (pixels) to reconstruct audio, "
                 f"got {amplitudes.shape[-1]}"
             )
+
+
+def _check_precision(values: Tensor, name: str) -> None:
+    """Amplitudes in half precision, or non-finite ones, are refused.
+
+    The policy: post-processing (inverse mel, Griffin-Lim, loudness) runs in float32
+    whatever dtype the model runs in. Amplitudes reach the decode scale ``max_value``
+    (30e6), past float16's largest value (65504), and bfloat16 keeps 8 bits of
+    mantissa: a half-precision input has already lost what Griffin-Lim needs, so it
+    is named here rather than turned into silent or NaN audio.
+    """
+    if values.dtype in (torch.float16, torch.bfloat16):
+        raise SpectrogramError(
+            f"{name} are {values.dtype}; post-processing takes float32 (the decode scale "
+            "overflows float16): convert pixels with mel_amplitudes_from_pixels"
+        )
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise SpectrogramError(f"{name} contain NaN or infinite values")
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,19 +17,11 @@ from riffusion.audio import (
     read_audio,
     resample,
 )
+from tests.served_checks import wav_bytes
 
 
 def _wav(sample_rate: int, seconds: float = 1.0) -> bytes:
-    t = np.arange(int(sample_rate * seconds)) / sample_rate
-    buffer = io.BytesIO()
-    sf.write(
-        buffer,
-        (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
-        sample_rate,
-        "PCM_16",
-        format="WAV",
-    )
-    return buffer.getvalue()
+    return wav_bytes(seconds, sample_rate, frequency_hz=440)
 
 
 def _flac_of_unstated_length(samples: np.ndarray, sample_rate: int) -> bytes:
