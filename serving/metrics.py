@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,15 @@ CLIP_LATENCY = Histogram(
     name="riffusion_clip_latency_seconds",
     documentation="Time from the API service sending a clip to receiving it back.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10, 15, 20, 30, 60, 120),
+)
+DEVICE_LOAD = Gauge(
+    name="riffusion_device_load",
+    documentation=(
+        "The model service's predicted busy fraction of its device: admitted listeners' "
+        "clips plus the last minute's per-request clips (1 = saturated). Sessions count "
+        "whether or not a clip is in flight: an autoscaling signal that sees listeners."
+    ),
+    multiprocess_mode="livemax",
 )
 CLIPS_IN_FLIGHT = Gauge(
     name="riffusion_clips_in_flight",
@@ -184,3 +195,20 @@ class ForgetDeadOnScrape:
             except OSError as error:  # never fail a scrape over it
                 logger.warning("could not forget dead processes: %r", error)
         await self.app(scope, receive, send)
+
+
+def publish_device_load(admission: Any, every_s: float = 1.0) -> threading.Thread:
+    """Keep ``DEVICE_LOAD`` at ``admission.load()``, refreshed every ``every_s`` (a thread:
+    the per-request part falls as requests age out of its window, with no event to tell)."""
+
+    def refresh() -> None:
+        while True:
+            try:
+                DEVICE_LOAD.set(admission.load())
+            except Exception:  # a metric must never take the model service down
+                logger.exception("could not refresh riffusion_device_load")
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=refresh, name="riffusion-device-load", daemon=True)
+    thread.start()
+    return thread

@@ -472,3 +472,26 @@ def test_step_times_fit_overhead_plus_work_and_skip_the_warm_up_step() -> None:
     assert times.step_s(512) == pytest.approx(0.05)
     assert times.step_s(2048) == pytest.approx(0.08)
     assert times.step_s(8192) == pytest.approx(0.2)
+
+
+def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    order: list[str] = []
+    try:
+        blocker = engine.submit(job("blocker", steps=6))
+        recorder.wait_steps(1)
+        # Same deadline (the request timeout); a listener's clip says when it is due.
+        later = engine.submit(job("per request", steps=2), timeout_s=300.0, job_id="request")
+        due = engine.submit(
+            job("listener", steps=2), timeout_s=300.0, job_id="listener", due_s=0.001
+        )
+        for entry in (later, due):
+            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
+        clips = [entry.future.result(timeout=60) for entry in (blocker, due, later)]
+    finally:
+        engine.stop()
+    assert order == ["listener", "request"]
+    assert recorder.outcomes == {"completed": 3}  # due long before it ran, still completed
+    assert all(clip.audio.num_frames > 0 for clip in clips)
