@@ -15,6 +15,9 @@ descriptors. ``bound_connections`` adds both bounds to uvicorn's HTTP protocols
    connection that has waited longest for its headers; when none is waiting (all are
    serving requests), the new one is closed at once.
 
+A connection upgraded to a WebSocket (a listener session) is done with headers: no
+timer runs on it.
+
 Measured with ``load_tests/slow_headers.py`` (docs/benchmarks.md).
 """
 
@@ -30,8 +33,17 @@ logger = logging.getLogger("riffusion.http")
 _STATE = "_riffusion_header_wait"  # per connection: (waiting since, timer) or None
 
 
+def _upgraded(connection: Any) -> bool:
+    """The connection became a WebSocket (its transport now speaks another protocol)."""
+    transport = getattr(connection, "transport", None)
+    return transport is not None and transport.get_protocol() is not connection
+
+
 def _waiting_for_headers(connection: Any) -> bool:
-    """No request of this connection is between its headers and its response's end."""
+    """No request of this connection is between its headers and its response's end (a
+    connection upgraded to a WebSocket has sent its headers for good)."""
+    if _upgraded(connection):
+        return False
     cycle = getattr(connection, "cycle", None)
     return cycle is None or bool(cycle.response_complete)
 

@@ -44,6 +44,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
         # prediction itself is tested in tests/test_listener_admission.py.
         "RIFFUSION_SESSION_MAX_LISTENERS": "1",
         "RIFFUSION_SESSION_ADMISSION": "cap",
+        # A session outlives the header timeout many times over: it applies to headers
+        # only, never to a connection upgraded to a WebSocket.
+        "RIFFUSION_HEADER_TIMEOUT_S": "2",
     }
     with LocalServer(home / "serve.log", "tiny", env, READY_TIMEOUT_S) as server:
         yield server
