@@ -184,6 +184,20 @@ class RiffusionUser(HttpUser):
             return result
 
 
+def fire_event(
+    environment: Any, request_type: str, name: str, seconds: float, error: Exception | None
+) -> None:
+    """Report a listener's event (not an HTTP request) as locust reports requests."""
+    environment.events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=seconds * 1000.0,
+        response_length=0,
+        exception=error,
+        context={},
+    )
+
+
 class FellBehind(Exception):
     """The next clip was not ready when the previous one finished playing."""
 
@@ -237,14 +251,7 @@ class WebAppListener(RiffusionUser):
             error = FellBehind("clip request failed: the listener hears silence")
         elif waited_s > HANDOFF_SLACK_S:
             error = FellBehind("clip not ready when the previous one finished")
-        self.environment.events.request.fire(
-            request_type=PLAYBACK_REQUEST_TYPE,
-            name=FELL_BEHIND_NAME,
-            response_time=waited_s * 1000.0,
-            response_length=0,
-            exception=error,
-            context={},
-        )
+        fire_event(self.environment, PLAYBACK_REQUEST_TYPE, FELL_BEHIND_NAME, waited_s, error)
 
 
 class ApiClient(RiffusionUser):
@@ -352,14 +359,7 @@ class SessionListener(User):
         self.listener.close()
 
     def fire(self, name: str, seconds: float, error: Exception | None) -> None:
-        self.environment.events.request.fire(
-            request_type=SESSION_REQUEST_TYPE,
-            name=name,
-            response_time=seconds * 1000.0,
-            response_length=0,
-            exception=error,
-            context={},
-        )
+        fire_event(self.environment, SESSION_REQUEST_TYPE, name, seconds, error)
 
     @task
     def listen(self) -> None:
