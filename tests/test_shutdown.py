@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from load_tests.client import work_in_flight
 from load_tests.server import LocalServer, log_tail
-from tests.shared_servers import READY_TIMEOUT_S, work_in_flight
+from tests.shared_servers import READY_TIMEOUT_S
 from tests.test_deploy import EXIT_MARGIN_S
 
 # Clips long enough to outlast a short grace even on a fast machine: the most steps,
