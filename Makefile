@@ -10,7 +10,7 @@ VENV := .venv
 RUN := $(UV) run --frozen --all-extras
 PORT ?= 3000
 
-.PHONY: venv browser serve test lint typecheck pytest prometheus bench loadtest seed-images bento-requirements bento clean
+.PHONY: venv browser serve test lint typecheck pytest prometheus bench loadtest seed-images bento-requirements bento clean gpu-wheels
 
 venv: $(VENV)/.synced
 
@@ -51,6 +51,11 @@ test: lint typecheck pytest
 
 seed-images: venv
 	$(RUN) riffusion make-seed-images seed_images
+
+# The wheels the lent GPU machine lacks, as uv.lock pins them, for CPython 3.12 x86-64
+# (bench/gpu_kit.py: they travel with the tree as .whl/; fails above 56 MiB).
+gpu-wheels:
+	$(PYTHON) bench/gpu_kit.py --build-wheels .whl
 
 # The Bento's pinned packages (bentofile.yaml): regenerate after changing uv.lock.
 bento-requirements:

@@ -240,6 +240,14 @@ def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
 @click.option("--abandon-after-s", type=float, default=3.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--url",
+    "given_urls",
+    multiple=True,
+    metavar="MODE=URL",
+    help="A mode already served at URL (started with bench.bench_service.serve's settings) "
+    "instead of serving it here. Repeatable.",
+)
 def main(
     model: str,
     modes: str,
@@ -254,6 +262,7 @@ def main(
     abandon_after_s: float,
     seed: int,
     output: Path | None,
+    given_urls: tuple[str, ...],
 ) -> None:
     """Latency percentiles, throughput and real-time share per batching mode and load."""
     # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped too.
@@ -264,8 +273,10 @@ def main(
     load_results: list[LoadResult] = []
     abandon_results: list[AbandonResult] = []
     with contextlib.ExitStack() as servers:
-        urls: dict[str, str] = {}
+        urls: dict[str, str] = dict(given.split("=", 1) for given in given_urls)
         for mode in mode_list:  # all served at once, so the rounds below can interleave them
+            if mode in urls:
+                continue
             batching, extra_env = parse_mode(mode)
             console.print(f"serving [bold]{mode}[/] (RIFFUSION_BATCHING={batching} {extra_env})")
             urls[mode] = servers.enter_context(

@@ -43,6 +43,7 @@ from riffusion.pipeline import RiffusionPipeline
 from riffusion.schedulers import make_scheduler
 from riffusion.schemas import GenerationJob, PromptInput
 from riffusion.seed_images import SeedImageLibrary
+from riffusion.spectrogram import SpectrogramParams
 from riffusion.unet_backends import trace_unet
 
 # Dense fp16 tensor-core peaks (TFLOP/s) by device-name fragment.
@@ -218,7 +219,13 @@ def bench_backend(
     peak_flops: float | None,
     baseline_s: float,
 ) -> list[dict[str, Any]]:
-    pipeline = RiffusionPipeline(components, unet_backend=backend, seed_images=library)  # type: ignore[arg-type]
+    params = SpectrogramParams(num_griffin_lim_iters=args.griffin_lim_iters)
+    pipeline = RiffusionPipeline(
+        components,
+        unet_backend=backend,  # type: ignore[arg-type]
+        seed_images=library,
+        spectrogram_params=params,
+    )
     device = components.device
     latents = torch.randn(
         2, 4, 64, 64, device=device, dtype=components.dtype
@@ -268,6 +275,12 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["eager", "traced", "compiled"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--griffin-lim-iters",
+        type=int,
+        default=SpectrogramParams().num_griffin_lim_iters,
+        help="fewer for smoke runs on a CPU",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)

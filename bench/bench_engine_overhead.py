@@ -1,0 +1,115 @@
+"""The engine's own overhead per denoising step, measured from outside, at 1, 4, 8 and 16 jobs.
+
+The UNet forward is replaced by a fixed sleep (default 20 ms, about an emulated H100
+step at a full batch), so what a step takes beyond it is the engine's and the
+pipeline's own work: batching the inputs, each job's scheduler step, guidance, mask
+blend, admission and bookkeeping. Text-to-audio jobs at 512 px (64x64 latents, the
+real tensor sizes), 50 steps, all submitted at once; the time between consecutive
+steps is read from the engine's observer, the first two steps and the last are
+left out, and the median is reported.
+
+    uv run --frozen --all-extras python -m bench.bench_engine_overhead
+
+Prints, per batch: step interval, overhead (interval - sleep) in ms and as a share
+of the sleep, and the fit overhead = a + b x jobs. Timings on a loaded machine are
+noisy; the ratios within one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import threading
+import time
+
+import click
+import torch
+from torch import Tensor
+
+from riffusion.engine import Engine, EngineConfig, EngineObserver
+from riffusion.models import build_tiny_components
+from riffusion.pipeline import RiffusionPipeline
+from riffusion.schemas import GenerationJob, PromptInput
+from riffusion.spectrogram import SpectrogramParams
+
+
+class SleepingUNet:
+    """A UNet forward that takes ``seconds`` and predicts zero noise."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
+        time.sleep(self.seconds)
+        return torch.zeros_like(latents)
+
+
+class StepClock(EngineObserver):
+    """When each step ended (perf_counter)."""
+
+    def __init__(self) -> None:
+        self.ends: list[tuple[int, float]] = []
+        self.lock = threading.Lock()
+
+    def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
+        with self.lock:
+            self.ends.append((batch_size, time.perf_counter()))
+
+
+def measure(pipeline: RiffusionPipeline, jobs: int, steps: int) -> float:
+    """Median seconds between consecutive full-batch steps of ``jobs`` jobs."""
+    clock = StepClock()
+    engine = Engine(pipeline, EngineConfig(max_batch_size=jobs, postprocess="inline"), clock)
+    try:
+        entries = [
+            engine.submit(
+                GenerationJob(
+                    start=PromptInput(prompt=f"overhead {index}", seed=index),
+                    num_inference_steps=steps,
+                )
+            )
+            for index in range(jobs)
+        ]
+        for entry in entries:
+            entry.future.result(timeout=900)
+    finally:
+        engine.stop()
+    full = [at for batch, at in clock.ends if batch == jobs]
+    intervals = [later - earlier for earlier, later in itertools.pairwise(full)]
+    return statistics.median(intervals[2:-1] or intervals)
+
+
+@click.command()
+@click.option("--batches", default="1,4,8,16", show_default=True)
+@click.option("--steps", type=click.IntRange(5, 150), default=50, show_default=True)
+@click.option("--unet-ms", type=float, default=20.0, show_default=True)
+def main(batches: str, steps: int, unet_ms: float) -> None:
+    """Overhead per step beyond the UNet, per batch size."""
+    torch.set_num_threads(1)  # the engine's own work is what is measured, not BLAS threads
+    pipeline = RiffusionPipeline(
+        build_tiny_components(device="cpu"),
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=1),
+    )
+    pipeline.unet_forward = SleepingUNet(unet_ms / 1000)
+    rows = []
+    for jobs in (int(b) for b in batches.split(",")):
+        interval = measure(pipeline, jobs, steps)
+        overhead_ms = interval * 1000 - unet_ms
+        row = {
+            "jobs": jobs,
+            "step_ms": round(interval * 1000, 2),
+            "overhead_ms": round(overhead_ms, 2),
+            "overhead_pct_of_unet": round(100 * overhead_ms / unet_ms, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        per_job = (last["overhead_ms"] - first["overhead_ms"]) / (last["jobs"] - first["jobs"])
+        fixed = first["overhead_ms"] - per_job * first["jobs"]
+        print(json.dumps({"fit": f"{fixed:.2f} ms + {per_job:.3f} ms x jobs"}))
+
+
+if __name__ == "__main__":
+    main()
