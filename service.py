@@ -15,10 +15,11 @@ diffusers or transformers; the model service imports them in its ``__init__``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import anyio
 import bentoml
@@ -30,6 +31,7 @@ from riffusion.api_schemas import (
     ClipImage,
     InterpolateRequest,
     InterpolateResponse,
+    ListenerDecision,
     ModelReply,
     ModelRequest,
     ModelResult,
@@ -45,18 +47,16 @@ from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
 from serving import answers, http
 from serving.checkpoint import HubCheckpoint, store_checkpoint
 from serving.errors import ApiError
-from serving.metrics import EngineMetrics, forget_dead_processes
+from serving.metrics import EngineMetrics, forget_dead_processes, publish_device_load
 from serving.model_calls import ModelCallError, ModelClient, run_in_engine
 from serving.openapi import document_api
 from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
+from serving.sessions import ModelListenerGate, SessionConfig, SessionHub, encode_clip
 from serving.settings import ServiceSettings
 from serving.shutdown import DrainOnShutdown, ShutdownDrain
 from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
 from serving.worker_temp import use_private_temp_dir
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings()
@@ -110,6 +110,7 @@ class RiffusionModel:
     def __init__(self) -> None:
         # torch, diffusers and transformers: the model service only
         from riffusion.engine import Engine, EngineConfig, default_postprocess
+        from riffusion.listeners import ListenerAdmission
         from riffusion.pipeline import RiffusionPipeline
 
         forget_dead_processes()  # a restarted worker must not inherit its predecessor's gauges
@@ -130,6 +131,16 @@ class RiffusionModel:
             default_timeout_s=SETTINGS.request_timeout_s,
         )
         self.engine = Engine(self.pipeline, config, EngineMetrics(self.pipeline.unet_forward))
+        self.admission = ListenerAdmission(
+            self.engine.step_times,
+            max_batch_size=ENGINE_BATCH_SIZE,
+            overlapped_postprocess=config.postprocess == "thread",
+            utilization=SETTINGS.session_utilization,
+            max_listeners=SETTINGS.session_max_listeners,
+            predict=SETTINGS.session_admission == "predict",
+            vae_scale_factor=self.pipeline.vae_scale_factor,
+        )
+        publish_device_load(self.admission)
         self._one_batch_at_a_time = asyncio.Lock()  # adaptive: BentoML's batches stay apart
         logger.info("Riffusion model loaded: %s", self._description())
 
@@ -173,20 +184,35 @@ class RiffusionModel:
         async def submit_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
             """Adaptive batching: the calls BentoML gathered enter the engine together."""
             async with self._one_batch_at_a_time:
-                return await run_in_engine(self.engine, self.pipeline.prompt_encoder, requests)
+                return await run_in_engine(
+                    self.engine, self.pipeline.prompt_encoder, requests, self.admission
+                )
 
     else:
 
         @bentoml.api
         async def submit(self, request: ModelRequest) -> ModelReply:
             """Run one job in the engine, joining the running batch at the next step."""
-            [reply] = await run_in_engine(self.engine, self.pipeline.prompt_encoder, [request])
+            [reply] = await run_in_engine(
+                self.engine, self.pipeline.prompt_encoder, [request], self.admission
+            )
             return reply
 
     @bentoml.api
     def cancel(self, job_ids: list[str]) -> int:
         """Drop these jobs at the next step boundary; answers how many were still running."""
         return sum(self.engine.cancel(job_id) for job_id in job_ids)
+
+    @bentoml.api
+    async def open_listener(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
+        """Admit a real-time listener (clips like ``job``) if everyone stays in real time."""
+        decision = self.admission.open(listener_id, self.admission.demand(job))
+        return ListenerDecision(**dataclasses.asdict(decision))
+
+    @bentoml.api
+    async def close_listener(self, listener_id: str) -> bool:
+        """Free a listener's place; False if it held none."""
+        return self.admission.close(listener_id)
 
 
 # ------------------------------------------------------------------ API service
@@ -219,9 +245,26 @@ class Riffusion:
         use_private_temp_dir()  # before the model client makes its temp folder
         self.seed_images = SeedImageLibrary()
         self._model_info: dict[str, Any] | None = None
+        self.sessions = SessionHub(
+            ModelListenerGate(
+                ModelClient(self.model, SETTINGS.batching, SETTINGS.request_timeout_s),
+                self._check_image_ids,
+            ),
+            encode_clip,
+            SessionConfig(
+                lookahead_s=SETTINGS.session_lookahead_s,
+                margin_s=SETTINGS.session_margin_s,
+                api_key=SETTINGS.api_key,
+                allowed_origins=tuple(SETTINGS.cors_origins),
+            ),
+        )
 
     @bentoml.on_startup
     def _install_drain(self) -> None:
+        """SIGTERM, in this order: the grace period starts (``DRAIN``); each listener
+        session ends after its clip in flight, told to reconnect elsewhere; then uvicorn
+        stops (each handler chains the one installed before it)."""
+        self.sessions.drain_on_sigterm(SETTINGS.shutdown_grace_s)
         DRAIN.install()
 
     @bentoml.on_startup
@@ -324,7 +367,12 @@ class Riffusion:
 
     @bentoml.api(route="/audio_to_audio", input_spec=AudioToAudioRequest)
     async def audio_to_audio(self, **fields: Any) -> AudioFile:
-        """Re-imagine an uploaded track clip by clip (clips batched), crossfaded back together."""
+        """Re-imagine an uploaded track clip by clip (clips batched), crossfaded back together.
+
+        The answer is mono, whatever the upload's channels: the model was trained on mono
+        spectrograms only, so a stereo track is mixed down before it is riffed (two
+        channels riffed apart would drift into two unrelated tracks).
+        """
         from riffusion.riff import OVERLAP_S, slice_riff, stitch_clips
 
         request = AudioToAudioRequest.model_validate(fields)
@@ -405,6 +453,8 @@ http.install(
     api_key=SETTINGS.api_key,
     max_body_bytes=SETTINGS.max_upload_bytes + http.UPLOAD_OVERHEAD_BYTES,
     liveness_grace_s=SETTINGS.liveness_grace_s,
+    header_timeout_s=SETTINGS.header_timeout_s,
+    max_connections=SETTINGS.max_connections,
     model_ready=answers.model_ready,
     request_timeout_s=SETTINGS.request_timeout_s,
     spec_hook=lambda spec: describe_service(

@@ -10,6 +10,11 @@ User classes (pick by name on the locust command line, default: both):
   (the listener heard silence); its response time is how long the listener waited.
 - ``ApiClient``: a mix of text-to-audio, short audio-to-audio uploads and
   interpolation.
+- ``SessionListener``: a listener on a ``/session`` WebSocket: the server streams
+  clips against its playback. Reported as ``SESSION open`` (a failure when refused:
+  the service was full) and one ``SESSION underrun`` per clip, a failure when it
+  arrived after the audio ran out; its response time is how long the silence lasted.
+  Sessions play in real time: ``--playback-speed`` does not apply.
 
 Load shapes: set ``LOADTEST_SHAPE=ramp|spike|soak`` to make one shape class
 active; it scales with ``--users`` and ``--run-time``. Without it, locust's plain
@@ -32,9 +37,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import gevent
+import websocket
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
-from locust import HttpUser, LoadTestShape, between, constant, events, task
+from locust import HttpUser, LoadTestShape, User, between, constant, events, task
 from locust.clients import ResponseContextManager
 from requests import Response
 
@@ -42,6 +48,7 @@ from requests import Response
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from load_tests.client import DEFAULT_SEED_IMAGE_ID, WEB_APP_STEPS
+from load_tests.session_client import SessionListener as SessionListener_
 from load_tests.traffic import (
     DEFAULT_DURATION_TOLERANCE_S,
     PROMPTS,
@@ -308,6 +315,89 @@ class ApiClient(RiffusionUser):
             ),
             json=body,
         )
+
+
+SESSION_REQUEST_TYPE = "SESSION"
+
+
+class Underrun(Exception):
+    """A listener's buffer ran dry before the next clip arrived."""
+
+
+class SessionListener(User):
+    """One listener on a session: opens it, plays every clip in real time, steers now and then."""
+
+    weight = 3
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.rng = random.Random()
+        token = str(getattr(options, "auth_token", "") or "") or None
+        settings = {
+            "prompt": self.rng.choice(PROMPTS),
+            "seed": self.rng.randrange(0, 2**31),
+            "num_inference_steps": int(getattr(options, "num_inference_steps", WEB_APP_STEPS)),
+            "seed_image_id": str(getattr(options, "seed_image_id", DEFAULT_SEED_IMAGE_ID)),
+        }
+        self.listener = SessionListener_(
+            self.host or "", settings, api_key=token, timeout_s=self._timeout()
+        )
+        self.opened = False
+
+    def _timeout(self) -> float:
+        return float(getattr(self.environment.parsed_options, "request_timeout", 60.0))
+
+    def on_stop(self) -> None:
+        self.listener.close()
+
+    def fire(self, name: str, seconds: float, error: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type=SESSION_REQUEST_TYPE,
+            name=name,
+            response_time=seconds * 1000.0,
+            response_length=0,
+            exception=error,
+            context={},
+        )
+
+    @task
+    def listen(self) -> None:
+        if not self.opened:
+            try:
+                answer = self.listener.open()
+            except (OSError, ValueError, websocket.WebSocketException) as error:
+                self.fire("open", 0.0, error)
+                gevent.sleep(FAILED_CLIP_BACKOFF_S)
+                return
+            refused = answer.get("type") != "accepted"
+            self.fire("open", self.listener.report.open_s, Refused(answer) if refused else None)
+            if refused:  # like a client told to retry later: this listener gives up
+                self.stop()
+                return
+            self.opened = True
+        underruns = len(self.listener.report.underruns)
+        for clip in self.listener.clips(count=1):
+            silent = self.listener.report.underruns[underruns:]
+            self.fire(
+                "underrun",
+                sum(silent),
+                Underrun(f"{sum(silent):.2f} s of silence before clip {clip['index']}")
+                if silent
+                else None,
+            )
+            if self.rng.random() < 0.1:  # now and then, ask for something else
+                self.listener.steer(self.rng.choice(PROMPTS))
+            return
+        self.fire("ended", 0.0, Refused({"message": self.listener.report.ended_by}))
+        self.stop()
+
+
+class Refused(Exception):
+    """The session was refused or ended by the server."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        super().__init__(str(answer.get("message") or answer)[:160])
 
 
 class TrafficShape(LoadTestShape):

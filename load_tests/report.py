@@ -24,6 +24,7 @@ from load_tests.report_parse import (
     CSV_PREFIX,
     METRICS_AFTER,
     METRICS_BEFORE,
+    NOT_HTTP,
     PLAYBACK_REQUEST_TYPE,
     REQUEST_COLUMNS,
     HistoryPoint,
@@ -92,6 +93,15 @@ def render_markdown(summary: LoadTestSummary, violations: Sequence[str] | None =
             f"p50 {_ms(summary.playback.median_ms)} ms, p95 {_ms(summary.playback.p95_ms)} ms, "
             f"max {_ms(summary.playback.max_ms)} ms."
         )
+    if summary.sessions:
+        lines += ["", "## Session listeners", ""]
+        longest = summary.longest_underrun_ms
+        lines.append(
+            f"{summary.sessions_opened} sessions admitted, {summary.sessions_refused} refused "
+            f"(the service was full). {summary.session_clips} clips: "
+            f"**{summary.underruns} underruns**, {summary.underrun_s:.1f} s of silence in all"
+            + (f", the longest {_ms(longest)} ms." if longest is not None else ".")
+        )
     if len(summary.steps) > 1:
         lines += ["", "## Load steps (user count over time)", ""]
         lines += _table(
@@ -115,7 +125,7 @@ def render_markdown(summary: LoadTestSummary, violations: Sequence[str] | None =
             "p95 here is the median over the step of the slowest endpoint's 10 s window.",
         ]
     lines += ["", "## Failures", ""]
-    request_failures = [f for f in summary.failures if f.request_type != PLAYBACK_REQUEST_TYPE]
+    request_failures = [f for f in summary.failures if f.request_type not in NOT_HTTP]
     if not request_failures:
         lines.append("None.")
     else:

@@ -24,6 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 CSV_PREFIX = "locust"
 METRICS_BEFORE, METRICS_AFTER = "metrics_before.txt", "metrics_after.txt"
 PLAYBACK_REQUEST_TYPE = "PLAYBACK"
+# Session listeners' events (load_tests/locustfile.py, SessionListener): "open" (a failure:
+# refused, the service was full) and "underrun" per clip (a failure: it came after the
+# listener's audio ran out; its response time is the silence).
+SESSION_REQUEST_TYPE = "SESSION"
+NOT_HTTP = (PLAYBACK_REQUEST_TYPE, SESSION_REQUEST_TYPE)
 AGGREGATED_NAME = "Aggregated"
 BATCH_SIZE_METRIC = "riffusion_batch_size"
 REQUEST_COLUMNS = (
@@ -50,6 +55,7 @@ class EndpointStats:
     p95_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    avg_ms: float | None = None
 
     @property
     def failure_rate(self) -> float:
@@ -96,6 +102,41 @@ class LoadTestSummary:
     histograms: dict[str, HistogramDelta] = field(default_factory=dict)
     context: dict[str, str] = field(default_factory=dict)
     steps: list[LoadStep] = field(default_factory=list)
+    sessions: list[EndpointStats] = field(default_factory=list)
+
+    def _session(self, name: str) -> EndpointStats | None:
+        return next((s for s in self.sessions if s.name == name), None)
+
+    @property
+    def sessions_opened(self) -> int:
+        opened = self._session("open")
+        return opened.requests - opened.failures if opened else 0
+
+    @property
+    def sessions_refused(self) -> int:
+        opened = self._session("open")
+        return opened.failures if opened else 0
+
+    @property
+    def session_clips(self) -> int:
+        clips = self._session("underrun")
+        return clips.requests if clips else 0
+
+    @property
+    def underruns(self) -> int:
+        clips = self._session("underrun")
+        return clips.failures if clips else 0
+
+    @property
+    def underrun_s(self) -> float:
+        """Silence heard in all: clips in time count 0 ms, so it is the mean times the count."""
+        clips = self._session("underrun")
+        return (clips.avg_ms or 0.0) * clips.requests / 1000 if clips else 0.0
+
+    @property
+    def longest_underrun_ms(self) -> float | None:
+        clips = self._session("underrun")
+        return clips.max_ms if clips and clips.failures else None
 
     @property
     def total_requests(self) -> int:
@@ -130,7 +171,7 @@ class LoadTestSummary:
         """Failures by HTTP status (e.g. 429, 503) from the failure reasons."""
         counts: Counter[str] = Counter()
         for failure in self.failures:
-            if failure.request_type == PLAYBACK_REQUEST_TYPE:
+            if failure.request_type in NOT_HTTP:
                 continue
             match = _STATUS_RE.search(failure.error)
             counts[match.group(1) if match else "other"] += failure.occurrences
@@ -151,6 +192,14 @@ class LoadTestSummary:
             "fell_behind": self.fell_behind,
             "fell_behind_rate": self.fell_behind_rate,
             "status_counts": self.status_counts,
+            "sessions": {
+                "opened": self.sessions_opened,
+                "refused": self.sessions_refused,
+                "clips": self.session_clips,
+                "underruns": self.underruns,
+                "underrun_s": self.underrun_s,
+                "longest_underrun_ms": self.longest_underrun_ms,
+            },
             "endpoints": [asdict(e) | {"failure_rate": e.failure_rate} for e in self.endpoints],
             "playback": asdict(self.playback) if self.playback else None,
             "failures": [asdict(f) for f in self.failures],
@@ -205,6 +254,7 @@ def read_stats(path: Path) -> list[EndpointStats]:
                 p95_ms=_number(row.get("95%")),
                 p99_ms=_number(row.get("99%")),
                 max_ms=_number(row.get("Max Response Time")),
+                avg_ms=_number(row.get("Average Response Time")),
             )
         )
     return stats
@@ -410,7 +460,8 @@ def summarize(
         else {}
     )
     return LoadTestSummary(
-        endpoints=[s for s in stats if s.request_type != PLAYBACK_REQUEST_TYPE],
+        endpoints=[s for s in stats if s.request_type not in NOT_HTTP],
+        sessions=[s for s in stats if s.request_type == SESSION_REQUEST_TYPE],
         playback=playback[0] if playback else None,
         failures=read_failures(Path(prefix + "_failures.csv")),
         histograms=histograms,

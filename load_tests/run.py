@@ -35,7 +35,8 @@ from load_tests.server import LocalServer, StartupError, executable, log_tail, s
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-USER_CLASSES = ("WebAppListener", "ApiClient")
+USER_CLASSES = ("WebAppListener", "ApiClient")  # the default mix
+ALL_USER_CLASSES = (*USER_CLASSES, "SessionListener")
 SHAPES = ("ramp", "spike", "soak")
 MAX_USERS = 2000
 MAX_RUN_TIME_S = 6 * 3600
@@ -243,9 +244,9 @@ def _default_output() -> Path:
 @click.option(
     "--user-class",
     "user_classes",
-    type=click.Choice(USER_CLASSES),
+    type=click.Choice(ALL_USER_CLASSES),
     multiple=True,
-    help="User class to run (repeatable; default both, weighted 3:1).",
+    help="User class to run (repeatable; default WebAppListener and ApiClient, 3:1).",
 )
 @click.option(
     "--shape",

@@ -407,3 +407,21 @@ class ModelRequest(BaseModel):
             "into the job's init image (the API service never loads torch)."
         ),
     )
+    due_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="A listener's clip: seconds until their buffer runs dry (served first).",
+    )
+    listener_id: str | None = Field(
+        default=None, max_length=64, description="The admitted listener this clip is for."
+    )
+
+
+class ListenerDecision(BaseModel):
+    """The model service's answer to a listener asking for a place."""
+
+    accepted: bool
+    message: str
+    retry_after_s: float | None = None
+    listeners: int = Field(description="Listeners admitted after this decision.")
+    load: float = Field(description="Predicted busy fraction of the device with the new one.")

@@ -1,17 +1,18 @@
 """Real-time engine: step-level continuous batching with deadlines and cancellation.
 
-Submissions wait in a queue ordered by deadline (earliest first). One thread owns
+Submissions wait in a queue ordered by when they are due (earliest first; a job is
+due at its deadline unless its caller says it is due sooner). One thread owns
 the pipeline on its device and repeats, at every step boundary:
 
 1. drop jobs whose caller went away (cancelled) or whose deadline has passed (expired),
    waiting or running: they stop using the UNet within one step;
-2. admit waiting jobs, earliest deadline first, while fewer than ``max_batch_size``
+2. admit waiting jobs, earliest due first, while fewer than ``max_batch_size``
    run; admission prepares the job (text embeddings, seed-image latents, scheduler);
 3. run ONE denoising step for every running job: one UNet forward per group of jobs
    that share a latent shape and text length, each job at its own timestep;
 4. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
    thread of its own (``postprocess="thread"``) or between steps (``"inline"``),
-   earliest deadline first, skipping jobs whose caller left meanwhile; a GPU
+   earliest due first, skipping jobs whose caller left meanwhile; a GPU
    decodes them together, a CPU one by one (each answered as soon as it is done).
 
 Submitting refuses a job at once (``JobRefused``, with a retry hint) when its deadline
@@ -77,8 +78,9 @@ class EngineJob:
 
     id: str
     job: GenerationJob
-    deadline: float  # time.monotonic()
+    deadline: float  # time.monotonic(): dropped (expired) once it passes
     submitted_at: float  # time.monotonic()
+    due: float  # time.monotonic(): the order it is served in, earliest first (<= deadline)
     expected_steps: int
     work: int  # latent pixels: what one of its steps costs
     future: Future[GeneratedClip] = field(default_factory=Future)
@@ -211,12 +213,15 @@ class Engine:
         job: GenerationJob,
         timeout_s: float | None = None,
         job_id: str | None = None,
+        due_s: float | None = None,
         waited_s: float = 0.0,
     ) -> EngineJob:
         """Queue ``job`` to finish within ``timeout_s``; raises ``JobRefused`` if it cannot.
 
-        ``waited_s``: how long the job already waited before it got here (it counts in
-        its queue wait, not in its deadline, which ``timeout_s`` sets).
+        ``due_s`` (at most ``timeout_s``) orders it before jobs due later without making
+        it expire then: a listener's clip is due when their buffer runs dry, and still
+        wanted a little after. ``waited_s``: how long the job already waited before it
+        got here (it counts in its queue wait, not in its deadline, which ``timeout_s`` sets).
         """
         now = time.monotonic()
         timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
@@ -225,6 +230,7 @@ class Engine:
             job=job,
             deadline=now + timeout,
             submitted_at=now - max(0.0, waited_s),
+            due=now + (timeout if due_s is None else min(max(due_s, 0.0), timeout)),
             expected_steps=job.num_steps,
             # Latent pixels, what one of its steps costs (seed images assumed 512 px wide).
             work=math.prod(job.latent_size(self.pipeline.vae_scale_factor)),
@@ -241,21 +247,22 @@ class Engine:
                     retry_after_s=max(1.0, math.ceil(predicted_s - timeout)),
                 )
             self._jobs[entry.id] = entry
-            heapq.heappush(self._waiting, (entry.deadline, next(self._order), entry))
+            heapq.heappush(self._waiting, (entry.due, next(self._order), entry))
             self._lock.notify_all()
         return entry
 
     def submit_together(
-        self, submissions: Sequence[tuple[GenerationJob, float | None, str | None, float]]
+        self,
+        submissions: Sequence[tuple[GenerationJob, float | None, str | None, float, float | None]],
     ) -> list[EngineJob | JobRefused | EngineStopped]:
-        """``submit`` each ``(job, timeout_s, job_id, waited_s)`` at once: the engine thread
-        sees all of them at its next step boundary (a batch gathered elsewhere stays one
-        batch). A refused job gets its exception in its place."""
+        """``submit`` each ``(job, timeout_s, job_id, waited_s, due_s)`` at once: the engine
+        thread sees all of them at its next step boundary (a batch gathered elsewhere stays
+        one batch). A refused job gets its exception in its place."""
         entries: list[EngineJob | JobRefused | EngineStopped] = []
         with self._lock:  # reentrant: each submit takes it again
-            for job, timeout_s, job_id, waited_s in submissions:
+            for job, timeout_s, job_id, waited_s, due_s in submissions:
                 try:
-                    entries.append(self.submit(job, timeout_s, job_id, waited_s))
+                    entries.append(self.submit(job, timeout_s, job_id, due_s, waited_s))
                 except (JobRefused, EngineStopped) as error:
                     entries.append(error)
         return entries
@@ -292,14 +299,14 @@ class Engine:
         times = self.step_times
         if not times.measured:
             return 0.0, 0.0
-        ahead = [e for _, _, e in self._waiting if e.deadline <= entry.deadline]
+        ahead = [e for _, _, e in self._waiting if e.due <= entry.due]
         # The step it would run in: the running jobs and those ahead, up to the batch limit.
         sharing = [*self._running, *ahead][: self.config.max_batch_size - 1]
         step_s = times.step_s(sum(e.work for e in sharing) + entry.work)
         slots = [e.steps_left * step_s for e in self._running]
         slots += [0.0] * (self.config.max_batch_size - len(slots))
         heapq.heapify(slots)
-        for other in sorted(ahead, key=lambda e: e.deadline):
+        for other in sorted(ahead, key=lambda e: e.due):
             heapq.heappush(slots, heapq.heappop(slots) + other.expected_steps * step_s)
         start_s = slots[0]
         finish_s = start_s + entry.expected_steps * step_s + times.postprocess_s(entry.work)
@@ -356,7 +363,7 @@ class Engine:
         return False
 
     def _admit(self, now: float) -> None:
-        """Prepare waiting jobs, earliest deadline first, into the free batch slots."""
+        """Prepare waiting jobs, earliest due first, into the free batch slots."""
         while len(self._running) < self.config.max_batch_size:
             with self._lock:
                 if not self._waiting:
@@ -441,9 +448,7 @@ class Engine:
         """
         now = time.monotonic()
         with self._lock:
-            entries = sorted(
-                (e for e in entries if not self._dropped(e, now)), key=lambda e: e.deadline
-            )
+            entries = sorted((e for e in entries if not self._dropped(e, now)), key=lambda e: e.due)
         # A GPU decodes and vocodes a group in one call for the price of one; on a CPU the
         # cost grows with every clip anyway, so each clip is answered as soon as it is done.
         batched = self.pipeline.policy.batch_together

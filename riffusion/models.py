@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,17 @@ from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+# The model-source names, still importable from here (``X as X``: re-exported).
+from riffusion.model_source import DEFAULT_MODEL_ID as DEFAULT_MODEL_ID
+from riffusion.model_source import HUB_ID_RE, missing_directory_error
+from riffusion.model_source import MODEL_ENV_VAR as MODEL_ENV_VAR
+from riffusion.model_source import TINY_MODEL_ID as TINY_MODEL_ID
+from riffusion.model_source import ModelLoadError as ModelLoadError
+from riffusion.model_source import hub_offline as hub_offline
 from riffusion.spectrogram import resolve_device
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "riffusion/riffusion-model-v1"
-TINY_MODEL_ID = "tiny"
-MODEL_ENV_VAR = "RIFFUSION_MODEL"
 DEVICE_ENV_VAR = "RIFFUSION_DEVICE"
 # The oldest driver that runs the pinned torch's CUDA 12.8 build (CUDA minor-version compatibility).
 MIN_NVIDIA_DRIVER = "525.60.13"
@@ -62,11 +65,6 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 MODEL_INDEX_FILE = "model_index.json"
 # Extra key in model_index.json marking a saved tiny model (diffusers ignores "_" keys).
 TINY_MARKER_KEY = "_riffusion_is_tiny"
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names what is missing and how to fix it."""
 
 
 @dataclass
@@ -141,11 +139,6 @@ def require_cuda(device: torch.device) -> None:
         f"visible to the container (nvidia.com/gpu request, NVIDIA container toolkit); "
         f"set {DEVICE_ENV_VAR}=cpu to serve on CPU on purpose"
     )
-
-
-def hub_offline() -> bool:
-    """Read HF_HUB_OFFLINE at call time (the libraries read it once at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 # ---------------------------------------------------------------------------
@@ -317,11 +310,8 @@ def load_components(
             dtype=dtype,
             is_tiny=_is_saved_tiny(path),
         )
-    if isinstance(model, Path) or path.exists() or not _HUB_ID_RE.match(model_str):
-        raise ModelLoadError(
-            f"model directory {model_str!r} does not exist (or is not a directory); give an "
-            f"existing diffusers directory, a hub id such as {DEFAULT_MODEL_ID!r}, or 'tiny'"
-        )
+    if isinstance(model, Path) or path.exists() or not HUB_ID_RE.match(model_str):
+        raise missing_directory_error(model_str)
     return _load_pretrained(
         model_str, model_id=model_str, source_dir=None, device=device, dtype=dtype, is_tiny=False
     )

@@ -8,6 +8,7 @@ the pipeline can batch any mix of them.
 
 from __future__ import annotations
 
+import unicodedata
 from enum import StrEnum
 from typing import Annotated
 
@@ -45,9 +46,15 @@ def img2img_steps(num_inference_steps: int, denoising: float) -> int:
     return min(int(num_inference_steps * denoising), num_inference_steps)
 
 
+# Unicode categories a reader can see: letters, numbers, punctuation, symbols. Spaces
+# (Z*), control and format characters (Cc, Cf: NUL, zero-width space, BOM) and marks
+# with no base (M*: a combining grapheme joiner) are not a prompt.
+_VISIBLE_CATEGORIES = frozenset("LNPS")
+
+
 def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be blank")
+    if not any(unicodedata.category(char)[0] in _VISIBLE_CATEGORIES for char in text):
+        raise ValueError("must contain a visible character, not only spaces or control characters")
     return text
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from riffusion.api_schemas import AUDIO_MEDIA_TYPES, ModelResult, RunInferenceResponse, data_url
 from riffusion.audio import Audio, encode_audio, read_audio
@@ -96,12 +97,18 @@ async def _get_model_info(request: Request) -> Response:
     return JSONResponse(await service.model_info())
 
 
+async def _session(websocket: WebSocket) -> None:
+    await bentoml.get_current_service().sessions.serve(websocket)
+
+
 def extra_routes() -> Starlette:
-    """GET /seed_images, GET /model_info and the playground, mounted beside the endpoints."""
+    """GET /seed_images, GET /model_info, the playground and the listener sessions'
+    WebSocket (/session, docs/sessions.md), mounted beside the endpoints."""
     return Starlette(
         routes=[
             Route("/seed_images", _get_seed_images, methods=["GET"]),
             Route("/model_info", _get_model_info, methods=["GET"]),
+            WebSocketRoute("/session", _session),
             *ui_routes(),
         ]
     )

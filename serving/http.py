@@ -32,14 +32,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+from serving.connection_limits import bound_connections
 from serving.errors import ApiError, error_response, shape_error_body
+from serving.metrics import ForgetDeadOnScrape
 from serving.request_lifetime import RequestLifetime
 from serving.ui import is_ui_path
 
@@ -52,13 +56,14 @@ logger = logging.getLogger("riffusion.http")
 # Routes open without an API key: orchestrator probes and Prometheus scrapes.
 PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 PROBE_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
+PROBE_METHODS = frozenset({"GET", "HEAD"})
 # Multipart framing around the uploaded file.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 # Seconds a client should wait after a 429 (a slot frees within one clip) or a 503.
 RETRY_AFTER_S = {429: 1, 503: 5}
-# BentoML's own routes besides the API's (the index page, docs, static assets).
+# BentoML's own routes besides the API's (the index page, docs); its static assets are
+# known by their files (see ``static_paths``).
 BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/metrics"})
-BENTOML_PREFIXES = ("/static_content/", "/assets/")
 # The one CORS configuration: this module's outer layer answers preflights and covers
 # what it answers itself (401, 404, 413, 415, probes); BentoML's own layer, given the
 # same settings (``bentoml_http_config``), is what the Bento records.
@@ -79,21 +84,27 @@ class ModelProbe:
 
     ``check`` asks the model service (its own ``/readyz``); it runs in the
     background, at most once per ``refresh_s``, and a probe waits for it at most
-    ``wait_s`` before answering from the last known state. Liveness fails only
-    once the model service, after having been ready, has been unreachable or not
-    ready for more than ``grace_s`` (a restart that takes longer needs a new pod).
+    ``wait_s`` before answering from the last known state. A check still unanswered
+    after ``unresponsive_s`` means not ready: a killed model worker's socket stays
+    open in the supervisor, so the check hangs rather than fails. Liveness fails
+    only once the model service, after having been ready, has been unreachable or
+    not ready for more than ``grace_s`` counted from the first check that found it
+    so (not from the last poll: probes may be minutes apart); a restart that takes
+    longer needs a new pod.
     """
 
     check: Callable[[], Awaitable[bool]]
     grace_s: float = 90.0
     refresh_s: float = 1.0
     wait_s: float = 0.05
+    unresponsive_s: float = 1.5
     check_timeout_s: float = 5.0
-    ready: bool = False
     ever_ready: bool = False
-    last_ready_at: float = 0.0
+    failing_since: float | None = None  # the first failed check since the last good one
     checked_at: float = float("-inf")
+    _ready: bool = False
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _task_started_at: float = 0.0
 
     async def _refresh(self) -> None:
         try:
@@ -101,10 +112,14 @@ class ModelProbe:
         except Exception as exc:  # unreachable, restarting, timed out: all "not ready"
             logger.debug("model service readiness check failed: %r", exc)
             ready = False
-        now = time.monotonic()
-        self.ready, self.checked_at = ready, now
+        self._record(ready, time.monotonic())
+
+    def _record(self, ready: bool, now: float) -> None:
+        self._ready, self.checked_at = ready, now
         if ready:
-            self.ever_ready, self.last_ready_at = True, now
+            self.ever_ready, self.failing_since = True, None
+        elif self.failing_since is None:
+            self.failing_since = now
 
     async def poll(self) -> None:
         """Start a background check when the last one is stale; wait for it briefly."""
@@ -112,13 +127,27 @@ class ModelProbe:
             if time.monotonic() - self.checked_at < self.refresh_s:
                 return
             self._task = asyncio.ensure_future(self._refresh())
+            self._task_started_at = time.monotonic()
         await asyncio.wait({self._task}, timeout=self.wait_s)
+        if self._unresponsive():
+            self._record(False, time.monotonic())
+
+    def _unresponsive(self) -> bool:
+        return (
+            self._task is not None
+            and not self._task.done()
+            and time.monotonic() - self._task_started_at > self.unresponsive_s
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._unresponsive()
 
     @property
     def alive(self) -> bool:
-        if self.ready or not self.ever_ready:
+        if self.ready or not self.ever_ready or self.failing_since is None:
             return True
-        return time.monotonic() - self.last_ready_at <= self.grace_s
+        return time.monotonic() - self.failing_since <= self.grace_s
 
 
 class ProbeMiddleware:
@@ -132,6 +161,15 @@ class ProbeMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PROBE_PATHS:
             await self.app(scope, receive, send)
+            return
+        if scope["method"] not in PROBE_METHODS:
+            refusal = error_response(
+                405,
+                None,
+                f"{scope['path']} answers GET and HEAD, not {scope['method'][:20]}",
+                {"Allow": ", ".join(sorted(PROBE_METHODS))},
+            )
+            await refusal(scope, receive, send)
             return
         await self.probe.poll()
         if scope["path"] == "/readyz":
@@ -154,7 +192,7 @@ class RouteTable:
     json_routes: frozenset[str]
     multipart_routes: frozenset[str]
     other_paths: frozenset[str]
-    prefixes: tuple[str, ...] = BENTOML_PREFIXES
+    prefixes: tuple[str, ...] = ()
 
     def known(self, path: str) -> bool:
         return (
@@ -164,6 +202,26 @@ class RouteTable:
             or path in PROBE_PATHS
             or path.startswith(self.prefixes)
         )
+
+
+def static_paths(mount_path: str, app: StaticFiles) -> set[str]:
+    """The paths a StaticFiles mount answers 200: its files (and its root, with html=True).
+
+    Listed once, when the app is built: the served folders ship with the code. Every
+    other path under the mount is a 404 answered before BentoML's per-path metrics,
+    so their labels come from this fixed set, never from a URL a client made up.
+    """
+    root = mount_path.rstrip("/")
+    directories = [Path(d) for d in (app.all_directories or []) if Path(d).is_dir()]
+    paths = {
+        f"{root}/{path.relative_to(directory).as_posix()}"
+        for directory in directories
+        for path in directory.rglob("*")
+        if path.is_file()
+    }
+    if app.html:
+        paths |= {root + "/", *(p.removesuffix("index.html") for p in paths)}
+    return paths
 
 
 def route_paths(routes: Iterable[BaseRoute], prefix: str = "") -> tuple[set[str], list[str]]:
@@ -176,7 +234,9 @@ def route_paths(routes: Iterable[BaseRoute], prefix: str = "") -> tuple[set[str]
         elif isinstance(route, Mount):
             inner = getattr(route.app, "routes", None)
             mount_path = prefix + route.path
-            if inner is None:
+            if isinstance(route.app, StaticFiles):
+                paths |= static_paths(mount_path, route.app)
+            elif inner is None:
                 prefixes.append(mount_path.rstrip("/") + "/")
             else:
                 sub_paths, sub_prefixes = route_paths(inner, mount_path.rstrip("/"))
@@ -374,12 +434,14 @@ def _header(scope: Scope, name: bytes) -> str:
 
 # ---------------------------------------------------------- BentoML input closures
 def close_bentoml_input_paths() -> None:
-    """Patch three BentoML (1.4) input paths a public server must not have.
+    """Patch four BentoML (1.4) input paths a public server must not have.
 
     Call before the services are declared: BentoML binds the file decoder then.
 
     - A multipart file field sent as a text value is fetched as a URL
       (``MultipartSerde.ensure_file``): refuse it (400) instead.
+    - Multipart text fields are parsed as JSON, so the prompt ``1984``, ``true`` or
+      ``null`` is refused and ``"quoted"`` loses its quotes: take them as sent.
     - Starlette's 400 for a malformed multipart body surfaces as a 500: re-raise it
       as BentoML's 400 (``BadInput``).
     - The client's file name becomes the temp file's suffix (a 300-character name
@@ -401,19 +463,30 @@ def close_bentoml_input_paths() -> None:
             return obj
         raise BadInput("file fields take an uploaded file, not text (URLs are not fetched)")
 
-    parse_request = multipart.parse_request
-
-    async def parse_request_or_400(self: Any, request: Any, cls: Any) -> Any:
+    async def parse_request_as_sent(self: Any, request: Any, cls: Any) -> Any:
         try:
-            form = await request.form()  # Starlette keeps it for the parse below
+            form = await request.form()
         except (MultiPartException, HTTPException) as exc:
             raise BadInput(
                 f"body: malformed multipart body: {getattr(exc, 'detail', exc)}"
             ) from exc
-        for name in cls.multipart_fields:
-            if any(not isinstance(value, UploadFile) for value in form.getlist(name)):
-                raise BadInput(f"{name}: must be an uploaded file, not text (URLs are not fetched)")
-        return await parse_request(self, request, cls)
+        data: dict[str, Any] = {}
+        for name in form:
+            values = form.getlist(name)
+            if name in cls.multipart_fields:
+                if any(not isinstance(value, UploadFile) for value in values):
+                    raise BadInput(
+                        f"{name}: must be an uploaded file, not text (URLs are not fetched)"
+                    )
+                data[name] = values if _takes_a_list(cls, name) else values[0]
+                continue
+            value = form[name]
+            if isinstance(value, UploadFile):
+                raise BadInput(f"{name}: must be text, not an uploaded file")
+            # As typed: never parsed as JSON (BentoML's way: '1984' or 'null' as a prompt
+            # failed, '"quoted"' lost its quotes); the model's types convert numbers.
+            data[name] = value
+        return cls.model_validate(data)
 
     decode = validators.FileSchema.decode
 
@@ -424,9 +497,60 @@ def close_bentoml_input_paths() -> None:
         return decode(self, obj)
 
     multipart.ensure_file = staticmethod(ensure_file)
-    multipart.parse_request = parse_request_or_400
+    multipart.parse_request = parse_request_as_sent
     validators.FileSchema.decode = decode_short_name
     multipart._riffusion_hardened = True
+
+
+def _takes_a_list(cls: Any, name: str) -> bool:
+    """Whether the IO model's file field ``name`` is a list (``list[Path]``, optional or not)."""
+    from typing import get_args
+
+    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
+
+    annotation = cls.model_fields[name].annotation
+    if is_union_type(annotation):
+        annotation = get_args(annotation)[0]
+    return bool(is_list_type(annotation))
+
+
+def log_client_errors_in_one_line() -> None:
+    """BentoML logs every failed request with a traceback at ERROR, a client's 400 too.
+
+    A client error (invalid input: pydantic's ValidationError, BentoML's 4xx exceptions)
+    becomes one INFO line naming the route and the reason; server faults keep their
+    traceback at ERROR.
+    """
+    import sys
+
+    from _bentoml_impl.server import app as bentoml_app
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    original = bentoml_app.log_exception
+    if getattr(original, "_riffusion_wrapped", False):
+        return
+
+    def log_exception(request: Any, exc_info: Any = True) -> None:
+        error = sys.exc_info()[1]
+        status = 400 if isinstance(error, ValidationError) else None
+        if isinstance(error, BentoMLException) and int(error.error_code) < 500:
+            status = int(error.error_code)
+        if status is None:
+            original(request, exc_info)
+            return
+        if isinstance(error, ValidationError):
+            reason = "; ".join(
+                f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+                for item in error.errors(include_url=False)[:3]
+            )
+        else:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        path = request.url.path
+        logger.info("client error %d on %s %s: %s", status, request.method, path, reason[:300])
+
+    log_exception._riffusion_wrapped = True  # type: ignore[attr-defined]
+    bentoml_app.log_exception = log_exception
 
 
 # ---------------------------------------------------------------------- install
@@ -439,6 +563,8 @@ def install(
     liveness_grace_s: float,
     model_ready: Callable[[], Awaitable[bool]],
     request_timeout_s: float,
+    header_timeout_s: float = 10.0,
+    max_connections: int = 512,
     spec_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> ModelProbe:
     """Put this module's middleware in front of BentoML's for ``service`` (a bentoml.Service),
@@ -452,6 +578,13 @@ def install(
 
     close_bentoml_input_paths()
     answer_api_errors(service)
+    # BentoML's server logging passes INFO for its own loggers only (the root is at
+    # WARNING): the service's INFO lines (client errors, restarts) need this.
+    service_logger = logging.getLogger("riffusion")
+    if service_logger.level == logging.NOTSET:
+        service_logger.setLevel(logging.INFO)
+    log_client_errors_in_one_line()
+    bound_connections(header_timeout_s, max_connections)
     probe = ModelProbe(model_ready, grace_s=liveness_grace_s)
     original_call = ServiceAppFactory.__call__
     if getattr(original_call, "_riffusion_wrapped", False):
@@ -472,7 +605,7 @@ def install(
             json_routes=frozenset(json_routes),
             multipart_routes=frozenset(multipart_routes),
             other_paths=frozenset(paths | BENTOML_PATHS),
-            prefixes=(*BENTOML_PREFIXES, *prefixes),
+            prefixes=tuple(prefixes),
         )
         stack = [
             Middleware(
@@ -484,6 +617,7 @@ def install(
             ),
             Middleware(ErrorShapeMiddleware),
             Middleware(ProbeMiddleware, probe=probe),
+            Middleware(ForgetDeadOnScrape),
             Middleware(RouteGuardMiddleware, routes=table),
         ]
         if api_key:

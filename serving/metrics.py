@@ -4,20 +4,28 @@ Names are a contract (dashboards, the autoscaler, load tests and benchmarks pars
 them). BentoML points prometheus_client at its multiprocess directory, so series
 observed in the model service's process appear on the API service's /metrics.
 Gauges sum over live processes only (``livesum``); ``forget_dead_processes`` drops
-what a killed worker left behind, so a gauge never sticks after a restart.
+what a killed worker left behind, so a gauge never sticks after a restart. The API
+service runs it before every scrape (``ForgetDeadOnScrape``): a killed model worker's
+in-flight counts vanish at once, not when (or if) its successor starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from riffusion.contracts import EngineObserver
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,15 @@ CLIP_LATENCY = Histogram(
     name="riffusion_clip_latency_seconds",
     documentation="Time from the API service sending a clip to receiving it back.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10, 15, 20, 30, 60, 120),
+)
+DEVICE_LOAD = Gauge(
+    name="riffusion_device_load",
+    documentation=(
+        "The model service's predicted busy fraction of its device: admitted listeners' "
+        "clips plus the last minute's per-request clips (1 = saturated). Sessions count "
+        "whether or not a clip is in flight: an autoscaling signal that sees listeners."
+    ),
+    multiprocess_mode="livemax",
 )
 CLIPS_IN_FLIGHT = Gauge(
     name="riffusion_clips_in_flight",
@@ -141,17 +158,57 @@ def forget_dead_processes(directory: str | None = None) -> list[int]:
         if match and not _alive(int(match.group(1))):
             dead.add(int(match.group(1)))
     for pid in sorted(dead):
-        multiprocess.mark_process_dead(pid, directory)
+        # Another process (the API's scrape, a restarted worker) may remove them first.
+        with contextlib.suppress(FileNotFoundError):
+            multiprocess.mark_process_dead(pid, directory)
     if dead:
         logger.info("forgot the live gauges of dead processes %s", sorted(dead))
     return sorted(dead)
 
 
 def _alive(pid: int) -> bool:
+    """Running (a killed worker the supervisor has not reaped yet is a zombie: dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter follows the command name in /proc/<pid>/stat
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+class ForgetDeadOnScrape:
+    """ASGI middleware: ``forget_dead_processes`` before each ``/metrics`` answer."""
+
+    def __init__(self, app: ASGIApp, path: str = "/metrics") -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path:
+            try:
+                forget_dead_processes()
+            except OSError as error:  # never fail a scrape over it
+                logger.warning("could not forget dead processes: %r", error)
+        await self.app(scope, receive, send)
+
+
+def publish_device_load(admission: Any, every_s: float = 1.0) -> threading.Thread:
+    """Keep ``DEVICE_LOAD`` at ``admission.load()``, refreshed every ``every_s`` (a thread:
+    the per-request part falls as requests age out of its window, with no event to tell)."""
+
+    def refresh() -> None:
+        while True:
+            try:
+                DEVICE_LOAD.set(admission.load())
+            except Exception:  # a metric must never take the model service down
+                logger.exception("could not refresh riffusion_device_load")
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=refresh, name="riffusion-device-load", daemon=True)
+    thread.start()
+    return thread

@@ -26,6 +26,7 @@ import aiohttp
 import anyio
 
 from riffusion.api_schemas import (
+    ListenerDecision,
     ModelAudio,
     ModelError,
     ModelReply,
@@ -42,6 +43,7 @@ from serving.settings import BatchingMode
 
 if TYPE_CHECKING:
     from riffusion.engine import Engine, EngineJob
+    from riffusion.listeners import ListenerAdmission
     from riffusion.pipeline import GeneratedClip
     from riffusion.prompts import PromptEncoder
 
@@ -103,14 +105,19 @@ def model_result(clip: GeneratedClip) -> ModelResult:
 
 
 async def run_in_engine(
-    engine: Engine, encoder: PromptEncoder, requests: Sequence[ModelRequest]
+    engine: Engine,
+    encoder: PromptEncoder,
+    requests: Sequence[ModelRequest],
+    admission: ListenerAdmission | None = None,
 ) -> list[ModelReply]:
     """The model service's one path for jobs, in every batching mode; a reply per request.
 
     1. each job is made runnable (``model_job``) and checked against the model's own
        tokenizer; one that fails is answered at once and never joins a batch;
     2. the others enter the engine together (``Engine.submit_together``), each with its
-       deadline, id and the time it already waited since the API service sent it;
+       deadline, id, the time it already waited since the API service sent it and, for a
+       listener's clip, when it is due; ``admission`` renews that listener's place, or
+       counts a per-request clip against new listeners;
     3. each is answered with its clip or its error: the engine fails a job alone.
     """
 
@@ -123,11 +130,19 @@ async def run_in_engine(
         return job
 
     jobs = await anyio.to_thread.run_sync(lambda: [runnable(r) for r in requests])
+    if admission is not None:
+        _account(admission, requests, jobs)
     now = time.time()
     submitted = iter(
         engine.submit_together(
             [
-                (job, request.timeout_s, request.job_id or None, now - request.submitted_at)
+                (
+                    job,
+                    request.timeout_s,
+                    request.job_id or None,
+                    now - request.submitted_at,
+                    request.due_s,
+                )
                 for request, job in zip(requests, jobs, strict=True)
                 if not isinstance(job, Exception)
             ]
@@ -135,6 +150,18 @@ async def run_in_engine(
     )
     outcomes = [job if isinstance(job, Exception) else next(submitted) for job in jobs]
     return list(await asyncio.gather(*(_answer(outcome) for outcome in outcomes)))
+
+
+def _account(
+    admission: ListenerAdmission,
+    requests: Sequence[ModelRequest],
+    jobs: Sequence[GenerationJob | Exception],
+) -> None:
+    for request, job in zip(requests, jobs, strict=True):
+        if isinstance(job, Exception):
+            continue
+        if request.listener_id is None or not admission.renew(request.listener_id):
+            admission.note_request(admission.demand(job))
 
 
 async def _answer(outcome: EngineJob | BaseException) -> ModelReply:
@@ -164,27 +191,36 @@ class ModelClient:
         self.default_timeout_s = default_timeout_s
 
     async def generate(
-        self, jobs: Sequence[GenerationJob], init_audio: Sequence[Audio] | None = None
+        self,
+        jobs: Sequence[GenerationJob],
+        init_audio: Sequence[Audio] | None = None,
+        *,
+        due_s: float | None = None,
+        listener_id: str | None = None,
     ) -> list[ModelResult]:
         """One result per job, in order; raises ``ModelCallError`` for the first clip that fails.
 
         ``init_audio``: each job's source clip (audio-to-audio), made into its init image
-        by the model service. Clips run concurrently; when one fails or the caller is
+        by the model service. ``due_s`` and ``listener_id``: a listener's clip, due when
+        their buffer runs dry. Clips run concurrently; when one fails or the caller is
         cancelled, the others are cancelled too (in the model service as well).
         """
         deadline = REQUEST_DEADLINE.get() or time.monotonic() + self.default_timeout_s
         clips: Sequence[Audio | None] = init_audio if init_audio is not None else [None] * len(jobs)
+        listener = {"due_s": due_s, "listener_id": listener_id}
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._one(job, clip, deadline))
+                    group.create_task(self._one(job, clip, deadline, listener))
                     for job, clip in zip(jobs, clips, strict=True)
                 ]
         except* ModelCallError as failures:
             raise failures.exceptions[0] from None
         return [task.result() for task in tasks]
 
-    async def _one(self, job: GenerationJob, clip: Audio | None, deadline: float) -> ModelResult:
+    async def _one(
+        self, job: GenerationJob, clip: Audio | None, deadline: float, listener: dict[str, Any]
+    ) -> ModelResult:
         sent = time.perf_counter()
         request = ModelRequest(
             job=job,
@@ -192,6 +228,7 @@ class ModelClient:
             job_id=uuid.uuid4().hex,
             timeout_s=max(0.0, deadline - time.monotonic()),
             init_audio=ModelAudio.from_audio(clip) if clip is not None else None,
+            **listener,
         )
         CLIPS_IN_FLIGHT.inc()
         try:
@@ -236,6 +273,14 @@ class ModelClient:
                     raise _unavailable(_UNAVAILABLE_MESSAGES[error.error_code]) from error
                 raise
         raise AssertionError("unreachable")
+
+    async def open_listener(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
+        """Ask the model service for a real-time listener's place (answered at once)."""
+        answer = await self.model.to_async.open_listener(listener_id=listener_id, job=job)
+        return ListenerDecision.model_validate(answer)
+
+    async def close_listener(self, listener_id: str) -> None:
+        await self.model.to_async.close_listener(listener_id=listener_id)
 
     def _cancel_in_model(self, job_id: str) -> None:
         """Tell the model service to drop ``job_id`` (fire and forget)."""

@@ -57,6 +57,20 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, gt=0)
     liveness_grace_s: float = Field(default=90.0, gt=0)
+    # A connection that has not finished its request headers in this time is closed, and
+    # past this many open connections the longest-waiting one is (serving.connection_limits).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=512, ge=1)
+    # Listener sessions (docs/sessions.md): audio generated ahead of each listener at most,
+    # the margin before their buffer runs dry that a clip is due, the busy fraction of the
+    # device up to which listeners are admitted, and an optional cap on their number.
+    session_lookahead_s: float = Field(default=10.24, gt=0)
+    session_margin_s: float = Field(default=1.0, ge=0)
+    session_utilization: float = Field(default=0.8, gt=0, le=1)
+    session_max_listeners: int | None = Field(default=None, ge=0)
+    # "predict" (default): admit while the engine predicts real time for all; "cap": the
+    # cap above alone decides (a device shared with other work, whose step times mislead).
+    session_admission: Literal["predict", "cap"] = "predict"
     # Comma-separated in the environment.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
 

@@ -6,10 +6,11 @@ bounds that wait to ``RIFFUSION_SHUTDOWN_GRACE_S``:
 
 1. SIGTERM (either worker; BentoML's supervisor forwards it to every process):
    the drain notes the time and hands the signal on to uvicorn.
-2. Requests in flight keep running; a clip whose client leaves is dropped at once,
-   as at any time (``RequestLifetime``, installed on both services, cancels the
-   handler when its caller's connection closes: the API's client, or the API
-   itself for the model service).
+2. Requests in flight keep running. A clip whose client leaves is normally dropped
+   at once (``RequestLifetime``, installed on both services, cancels the handler
+   when its caller's connection closes: the API's client, or the API itself for
+   the model service); during a shutdown the API's cancel call can find the model
+   service's socket already closed, and the clip may then run to the grace's end.
 3. When the grace ends, ``DrainOnShutdown`` cancels every request still running
    and answers it ``503`` with ``Retry-After`` (the client retries on another pod);
    the model service's cancelled clips leave the engine at its next step.
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 # logger, and so "riffusion.*", stays at WARNING under `bentoml serve`).
 logger = logging.getLogger("bentoml.riffusion")
 RETRY_AFTER_S = 1  # another pod can take the request at once
+FORCE_EXIT_AFTER_S = 2.0  # after the grace: time for the 503 answers to go out
 
 
 class ShutdownDrain:
@@ -86,6 +88,17 @@ class ShutdownDrain:
             )
         for task in list(self._running):
             task.cancel()
+        # Then stop waiting on anything else: uvicorn's second-signal path (SIGINT while
+        # already exiting) makes it skip its wait for connections and background tasks.
+        asyncio.get_running_loop().call_later(FORCE_EXIT_AFTER_S, self._force_exit)
+
+    def _force_exit(self) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            logger.warning(
+                "still running %.0f s after the grace: forcing the exit", FORCE_EXIT_AFTER_S
+            )
+            handler(signal.SIGINT, None)
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self._running.add(task)

@@ -17,6 +17,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_UPLOAD_MB = 0.25
 MAX_CONCURRENCY = 4
 STEPS = 2
+LIVENESS_GRACE_S = 20.0
+HEADER_TIMEOUT_S = 3.0
+MAX_CONNECTIONS = 64
 
 
 def limited_env(tmp: Path) -> dict[str, str | None]:
@@ -27,6 +30,9 @@ def limited_env(tmp: Path) -> dict[str, str | None]:
         "RIFFUSION_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "RIFFUSION_MAX_BATCH_SIZE": "8",
         "RIFFUSION_MAX_LATENCY_MS": "600000",
+        "RIFFUSION_LIVENESS_GRACE_S": str(LIVENESS_GRACE_S),
+        "RIFFUSION_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "RIFFUSION_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "BENTOML_HOME": str(tmp / "bentoml"),
         "HF_HUB_OFFLINE": "1",
     }

@@ -96,7 +96,8 @@ def test_the_check_sees_torch_when_it_is_imported() -> None:
     [("continuous", "submit"), ("off", "submit"), ("adaptive", "submit_batch")],
 )
 def test_the_model_service_exposes_only_its_modes_api(mode: str, jobs_api: str) -> None:
-    """One way in per mode: ``submit`` (the engine) or ``submit_batch`` (BentoML batches for it)."""
+    """One way in per mode: ``submit`` (the engine) or ``submit_batch`` (BentoML batches for it);
+    listener sessions' places (``open_listener``, ``close_listener``) in every mode."""
     code = "import json, service; print(json.dumps(sorted(service.RiffusionModel.apis)))"
     apis = run_python(code, RIFFUSION_BATCHING=mode)
-    assert apis == sorted(["cancel", "describe", jobs_api])
+    assert apis == sorted(["cancel", "describe", "open_listener", "close_listener", jobs_api])

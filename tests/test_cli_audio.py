@@ -89,6 +89,20 @@ def test_audio_to_image_and_back(tmp_path: Path) -> None:
     assert rms_dbfs(audio) == pytest.approx(-12.0, abs=0.5)
 
 
+def test_long_conversions_show_their_progress(tmp_path: Path) -> None:
+    """Each stage on a bar, and Griffin-Lim's iterations counted as they run."""
+    source = tmp_path / "chord.wav"
+    write_audio(chord(0.6), source)
+    image_path = tmp_path / "chord.png"
+    forward = run("audio-to-image", source, image_path, "--device", "cpu")
+    assert forward.exit_code == 0, forward.output
+    assert "spectrogram" in forward.output and "3/3" in forward.output, forward.output
+    back = run("image-to-audio", image_path, tmp_path / "back.wav", "--device", "cpu")
+    assert back.exit_code == 0, back.output
+    assert "writing the audio" in back.output and "3/3" in back.output, back.output
+    assert "griffin-lim" in back.output and "32/32" in back.output, back.output
+
+
 def test_mono_option_and_error_paths(tmp_path: Path) -> None:
     source = tmp_path / "stereo.flac"
     write_audio(chord(0.4, channels=2), source)

@@ -24,6 +24,8 @@ def test_riff_plan_line_is_not_wrapped_for_a_long_path(
     monkeypatch.setenv("COLUMNS", str(TERMINAL_COLUMNS))
     monkeypatch.setattr(model_commands.stderr, "_width", TERMINAL_COLUMNS)
     assert model_commands.stderr.width == TERMINAL_COLUMNS
+    # A folder that is no checkpoint: it passes the up-front model check and fails to load.
+    (tmp_path / "no-model").mkdir()
     directory = tmp_path / ("d" * 120)
     directory.mkdir()
     source = directory / "in.wav"

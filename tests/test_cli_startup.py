@@ -4,8 +4,10 @@ Checked on ``sys.modules`` in a fresh interpreter after really running each
 command without a model: none imports the model's libraries (diffusers,
 transformers, the hub client, pydantic, bentoml) or the seed-library
 synthesiser; ``--help``, ``print-exif``, ``seed-images`` and ``sample-clips``
-import no torch. Start-up times themselves: ``bench/bench_cli_startup.py`` and
-docs/benchmarks.md.
+import no torch. A long command given a wrong input (a missing file, an output
+suffix no format matches, a model that cannot be loaded) says so in one line before
+it imports torch or any model library: the error is immediate. Start-up times
+themselves: ``bench/bench_cli_startup.py`` and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ MODEL_COMMAND_MODULES = {"riffusion.cli.model_commands", "riffusion.cli.trace_co
 WATCHED = (*MODEL_ONLY, *NUMERIC, *SYNTHESIS, "PIL", "rich.progress")
 
 
-def modules_after(*invocations: list[str]) -> tuple[list[tuple[int, str]], set[str]]:
+def modules_after(
+    *invocations: list[str], expect_success: bool = True
+) -> tuple[list[tuple[int, str]], set[str]]:
     """Run ``riffusion ARGS`` for each invocation in one fresh interpreter.
 
     Returns each (exit code, output) and which of :data:`WATCHED` were imported by then.
@@ -62,7 +66,7 @@ def modules_after(*invocations: list[str]) -> tuple[list[tuple[int, str]], set[s
     )
     results, loaded = json.loads(completed.stdout.strip().splitlines()[-1])
     for code, output in results:
-        assert code == 0, output
+        assert (code == 0) == expect_success, output
     return [(code, output) for code, output in results], set(loaded)
 
 
@@ -94,11 +98,11 @@ def tool_invocations(folder: Path) -> dict[str, tuple[list[str], tuple[str, ...]
         "make-seed-images": (["make-seed-images", "--help"], (*MODEL_ONLY, *NUMERIC, *SYNTHESIS)),
         "audio-to-image": (
             ["audio-to-image", wav, str(out / "tone.png"), "--device", "cpu"],
-            (*MODEL_ONLY, *SYNTHESIS, "rich.progress"),
+            (*MODEL_ONLY, *SYNTHESIS),
         ),
         "image-to-audio": (
             ["image-to-audio", image, str(out / "narrow.wav"), "--device", "cpu"],
-            (*MODEL_ONLY, *SYNTHESIS, "rich.progress"),
+            (*MODEL_ONLY, *SYNTHESIS),
         ),
         "audio-to-images": (
             ["audio-to-images", str(folder / "audio"), str(out / "images"), "--device", "cpu"],
@@ -131,8 +135,7 @@ def test_commands_without_torch_import_none_of_it(inputs: Path, command: str) ->
 
 def test_spectrogram_commands_import_torch_but_nothing_of_the_model(inputs: Path) -> None:
     """audio-to-image and image-to-audio run in one interpreter (one torch import): what
-    both imported must hold none of the model's libraries; audio-to-images alone also
-    imports rich's progress bar, which the other two must not."""
+    both imported must hold none of the model's libraries; so must audio-to-images."""
     invocations = tool_invocations(inputs)
     names = ("audio-to-image", "image-to-audio")
     results, loaded = modules_after(*(invocations[name][0] for name in names))
@@ -143,6 +146,55 @@ def test_spectrogram_commands_import_torch_but_nothing_of_the_model(inputs: Path
     assert "wrote" in results[1][1]
     _, loaded_with_progress = modules_after(invocations["audio-to-images"][0])
     assert not loaded_with_progress & set(invocations["audio-to-images"][1])
+
+
+def wrong_inputs(folder: Path) -> dict[str, list[str]]:
+    """A mistake in each long command's input, and the words its one-line error must have."""
+    wav, image = str(folder / "audio" / "tone.wav"), str(folder / "narrow.png")
+    missing, out = str(folder / "missing.wav"), folder / "wrong_out"
+    no_model = ["--model", str(folder / "no-such-model"), "--steps", "1"]
+    return {
+        "missing audio": ["audio-to-image", missing, str(out / "a.png")],
+        "image output not png": ["audio-to-image", wav, str(out / "a.jpg")],
+        "missing image": ["image-to-audio", str(folder / "missing.png"), str(out / "a.wav")],
+        "audio output suffix": ["image-to-audio", image, str(out / "a.xyz")],
+        "missing folder": ["audio-to-images", str(folder / "missing"), str(out / "images")],
+        "missing riff input": ["riff", missing, "-o", str(out / "r.wav"), "--prompt", "x"],
+        "riff output suffix": ["riff", wav, "-o", str(out / "r.xyz"), "--prompt", "x"],
+        "riff model": ["riff", wav, "-o", str(out / "r.wav"), "--prompt", "x", *no_model],
+        "text model": ["text-to-audio", "bells", "-o", str(out / "t.wav"), *no_model],
+        "text output suffix": ["text-to-audio", "bells", "-o", str(out / "t.xyz")],
+        "unknown seed image": [
+            "interpolate",
+            *("-o", str(out / "i.wav"), "--start-prompt", "a", "--end-prompt", "b"),
+            *("--seed-image-id", "no_such_seed"),
+        ],
+        "interpolate model": [
+            "interpolate",
+            *("-o", str(out / "i.wav"), "--start-prompt", "a", "--end-prompt", "b"),
+            *no_model,
+        ],
+    }
+
+
+def test_a_wrong_input_is_reported_before_torch_is_imported(inputs: Path) -> None:
+    """All in one interpreter: by the end, not one mistake had imported torch or diffusers."""
+    cases = wrong_inputs(inputs)
+    results, loaded = modules_after(*cases.values(), expect_success=False)
+    assert not loaded & {*TORCH, *MODEL_ONLY} - {"pydantic"}, sorted(loaded)
+    for name, (code, output) in zip(cases, results, strict=True):
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert code in (1, 2) and "Traceback" not in output, (name, output)
+        assert len(errors) == 1, (name, output)
+        assert not (inputs / "wrong_out").exists(), name  # nothing written before the check
+    assert "model directory" in results[list(cases).index("riff model")][1]
+
+
+def test_cli_defaults_match_the_library() -> None:
+    from riffusion.cli.model_commands import GRIFFIN_LIM_ITERS
+    from riffusion.spectrogram import SpectrogramParams
+
+    assert SpectrogramParams().num_griffin_lim_iters == GRIFFIN_LIM_ITERS
 
 
 def test_listed_summaries_are_the_commands_own() -> None:

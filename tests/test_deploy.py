@@ -28,6 +28,7 @@ CUSTOM_KINDS = {"PodMonitor"}
 AUTOSCALING_METRIC = "riffusion_clips_in_flight"
 # The same quantity from BentoML's own gauge: the HPA's fallback when the first is missing.
 FALLBACK_METRIC = "riffusion_model_requests_in_progress"
+LOAD_METRIC = "riffusion_device_load"  # sees listener sessions between their clips
 
 
 @cache
@@ -514,7 +515,7 @@ def test_autoscaler_targets_the_adapter_metric_per_pod() -> None:
         "name": "riffusion",
     }
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    primary, fallback, cpu = hpa["spec"]["metrics"]
+    primary, fallback, cpu, load = hpa["spec"]["metrics"]
     # The custom metric and its fallback: the same quantity, the same target, two series.
     for metric, name in ((primary, AUTOSCALING_METRIC), (fallback, FALLBACK_METRIC)):
         assert metric["type"] == "Pods"
@@ -528,6 +529,10 @@ def test_autoscaler_targets_the_adapter_metric_per_pod() -> None:
         adapter_rule(AUTOSCALING_METRIC)["seriesQuery"].split("{")[0]
         != (adapter_rule(FALLBACK_METRIC)["seriesQuery"].split("{")[0])
     )
+    # The device load, sessions included: a fraction, scaled out before admission refuses.
+    assert load["type"] == "Pods" and load["pods"]["metric"]["name"] == LOAD_METRIC
+    assert 0 < float(load["pods"]["target"]["averageValue"].rstrip("m")) / 1000 < 0.8
+    assert adapter_rule(LOAD_METRIC)["seriesQuery"].startswith(LOAD_METRIC + "{")
     # Outside Prometheus altogether (metrics-server), and the pod requests the CPU it measures.
     assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
     assert 50 <= cpu["resource"]["target"]["averageUtilization"] <= 95

@@ -116,10 +116,16 @@ def job(
     seed: int = 1,
     steps: int = 8,
     negative_prompt: str | None = None,
+    guidance: float = 6.0,
+    denoising: float = 0.75,
     **fields: object,
 ) -> GenerationJob:
     start = PromptInput(
-        prompt=prompt, seed=seed, negative_prompt=negative_prompt, guidance=6.0, denoising=0.75
+        prompt=prompt,
+        seed=seed,
+        negative_prompt=negative_prompt,
+        guidance=guidance,
+        denoising=denoising,
     )
     values: dict[str, object] = {
         "start": start,
@@ -137,25 +143,34 @@ def assert_close(a: GeneratedClip, b: GeneratedClip) -> None:
 
 
 def test_a_job_that_joins_mid_way_matches_the_job_alone(pipeline: PacedPipeline) -> None:
-    first = job("church bells", seed=3, steps=12)
-    joiner = job("(heavy:1.3) drums", seed=4, steps=6, negative_prompt="vocals")
-    img2img = job("marimba", seed=5, steps=10, seed_image_id="narrow_beat")
-    alone = pipeline.run([first, joiner, img2img])  # each job's reference (batch-invariant)
+    # Each job its own guidance and denoising: a shared step that applied one job's
+    # settings to another would move that job away from its reference.
+    first = job("church bells", seed=3, steps=12, guidance=2.0)
+    joiner = job("(heavy:1.3) drums", seed=4, steps=6, negative_prompt="vocals", guidance=11.0)
+    img2img = job(
+        "marimba", seed=5, steps=10, seed_image_id="narrow_beat", guidance=7.5, denoising=0.5
+    )
+    img2img_deep = job(
+        "marimba", seed=5, steps=10, seed_image_id="narrow_beat", guidance=4.0, denoising=0.9
+    )
+    jobs = [first, joiner, img2img, img2img_deep]
+    alone = [pipeline.run([one])[0] for one in jobs]  # each job's reference, run by itself
 
     engine, recorder = make_engine(pipeline)
     try:
         running = engine.submit(first)
         recorder.wait_steps(4)  # first is 4 steps in when the others join
-        joined = engine.submit(joiner)
-        joined_img2img = engine.submit(img2img)
-        clips = [e.future.result(timeout=60) for e in (running, joined, joined_img2img)]
+        joined = [engine.submit(one) for one in jobs[1:]]
+        clips = [e.future.result(timeout=60) for e in (running, *joined)]
     finally:
         engine.stop()
     for clip, reference in zip(clips, alone, strict=True):
         assert_close(clip, reference)
-    # They really shared forwards: some steps ran more than one job.
-    assert max(recorder.batch_sizes) >= 2
-    assert recorder.outcomes == {"completed": 3}
+    # The settings matter: same prompt, seed and seed image, other guidance and denoising.
+    assert not torch.allclose(alone[2].latents, alone[3].latents, atol=100 * LATENT_ATOL)
+    # They really shared forwards: some steps ran all four jobs.
+    assert max(recorder.batch_sizes) == len(jobs)
+    assert recorder.outcomes == {"completed": len(jobs)}
 
 
 def test_same_job_twice_is_deterministic_and_joining_at_step_zero_changes_nothing(
@@ -457,3 +472,26 @@ def test_step_times_fit_overhead_plus_work_and_skip_the_warm_up_step() -> None:
     assert times.step_s(512) == pytest.approx(0.05)
     assert times.step_s(2048) == pytest.approx(0.08)
     assert times.step_s(8192) == pytest.approx(0.2)
+
+
+def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    order: list[str] = []
+    try:
+        blocker = engine.submit(job("blocker", steps=6))
+        recorder.wait_steps(1)
+        # Same deadline (the request timeout); a listener's clip says when it is due.
+        later = engine.submit(job("per request", steps=2), timeout_s=300.0, job_id="request")
+        due = engine.submit(
+            job("listener", steps=2), timeout_s=300.0, job_id="listener", due_s=0.001
+        )
+        for entry in (later, due):
+            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
+        clips = [entry.future.result(timeout=60) for entry in (blocker, due, later)]
+    finally:
+        engine.stop()
+    assert order == ["listener", "request"]
+    assert recorder.outcomes == {"completed": 3}  # due long before it ran, still completed
+    assert all(clip.audio.num_frames > 0 for clip in clips)

@@ -45,6 +45,53 @@ def test_liveness_fails_only_after_the_grace_period_once_ready() -> None:
     ]
 
 
+def test_liveness_grace_counts_from_the_failure_not_from_the_last_poll() -> None:
+    """Probes minutes apart: a model that just went away is still within its grace."""
+    state = {"ready": True}
+
+    async def check() -> bool:
+        return state["ready"]
+
+    async def scenario() -> list[bool]:
+        probe = ModelProbe(check, grace_s=0.3, refresh_s=0.0)
+        await probe.poll()
+        await asyncio.sleep(0.5)  # nobody polls for longer than the grace period
+        state["ready"] = False
+        seen = []
+        await probe.poll()
+        seen.append(probe.alive)  # it has failed for 0 s, not for 0.5 s
+        await asyncio.sleep(0.4)
+        await probe.poll()
+        seen.append(probe.alive)  # now past the grace since the failure
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False]
+
+
+def test_a_check_that_hangs_is_not_ready_long_before_its_timeout() -> None:
+    """A killed worker's socket stays open in the supervisor: the check hangs, not fails."""
+    state = {"hang": False}
+
+    async def check() -> bool:
+        if state["hang"]:
+            await asyncio.sleep(3600)
+        return True
+
+    async def scenario() -> list[bool]:
+        probe = ModelProbe(check, refresh_s=0.0, unresponsive_s=0.2, check_timeout_s=30)
+        await probe.poll()
+        seen = [probe.ready]
+        state["hang"] = True
+        await probe.poll()
+        seen.append(probe.ready)  # just sent: the last answer still stands
+        await asyncio.sleep(0.3)
+        await probe.poll()
+        seen.append(probe.ready)  # unanswered past unresponsive_s: not ready
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, False]
+
+
 def test_a_hanging_model_check_does_not_hold_the_probe() -> None:
     async def hang() -> bool:
         await asyncio.sleep(3600)

@@ -20,8 +20,9 @@ import httpx
 import pytest
 import yaml
 
+from load_tests.client import metric_total
 from load_tests.server import LocalServer, free_port, log_tail, stop_process_group
-from tests.test_deploy import AUTOSCALING_METRIC, FALLBACK_METRIC, adapter_rule
+from tests.test_deploy import AUTOSCALING_METRIC, FALLBACK_METRIC, LOAD_METRIC, adapter_rule
 
 NAMESPACE = "riffusion-test"
 POD = "riffusion-0"
@@ -228,3 +229,21 @@ def test_fallback_metric_scales_when_the_custom_metric_is_missing(
         assert [call.result() for call in calls] == [200] * CLIPS
 
     _wait_for(idle, 30, f"{fallback_query} not back to 0")
+
+
+def test_device_load_rule_reads_what_the_model_service_publishes(
+    served: str, prometheus: str
+) -> None:
+    """The HPA's fourth metric through its adapter rule: the model service's predicted
+    device load for the pod, as the service publishes it (a clip of the last minute
+    counts, so it is above zero after one)."""
+    rule = adapter_rule(LOAD_METRIC)
+    promql = render_metrics_query(rule, series_name(rule), NAMESPACE, [POD])
+    assert _text_to_audio(served, seed=99, steps=2) == 200
+
+    def read_as_published() -> bool:
+        value = _query(prometheus, promql).get(POD)
+        published = metric_total(served, LOAD_METRIC)
+        return value is not None and value > 0 and abs(value - published) < 0.05
+
+    _wait_for(read_as_published, 60, f"{promql} never matched the published load")

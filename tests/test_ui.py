@@ -1,7 +1,7 @@
 """The playground page (/ui) in headless Chromium against a real `bentoml serve` (tiny model).
 
 The shared keyed instance (tests/shared_servers.py) has an API key, so the page must ask
-for it; the seed images are
+for it (the jam's session sends it in its start message); the seed images are
 cropped to 64 px (0.64 s clips, unless a screenshot is asked for) and requests use
 one denoising step to keep CPU generation short. Chromium is Debian's package
 (`make browser` installs it), driven by playwright; nothing is downloaded at run time.
@@ -15,6 +15,7 @@ also saves a screenshot of the jam in full swing (the one in docs/).
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ JAM_STATE = """() => {
   const jam = window.playground.jam;
   return {
     audioState: jam.audioState, audioTime: jam.audioTime, started: jam.clipsStarted,
-    behind: jam.behind, underruns: jam.underruns, recoveries: jam.recoveries,
+    behind: jam.behind, underruns: jam.underruns, looping: jam.looping,
     errors: jam.errors, spectrogramShown: jam.spectrogramShown,
     clips: jam.clips.map((c) => ({index: c.index, alpha: c.alpha, status: c.status,
                                  durationS: c.durationS, start: c.start, end: c.end})),
@@ -195,40 +196,69 @@ def test_the_bento_carries_the_playground() -> None:
         assert spec.match_file(asset), asset
 
 
-def test_jam_plays_clips_and_recovers_from_an_api_error(page: Any) -> None:
-    # The fourth clip request is answered 429 once (as an overloaded service does); the
-    # page must say so, wait the Retry-After, retry that clip and play on in order.
-    requests: list[dict[str, Any]] = []
+class SessionProxy:
+    """The page's /session WebSocket, passed through to the server; clips can be held back.
 
-    def answer(route: Any) -> None:
-        requests.append(route.request.post_data_json)
-        if len(requests) == 4:
-            route.fulfill(
-                status=429,
-                headers={"Retry-After": "3"},
-                json={"error": "too many requests in flight"},
-            )
-        else:
-            route.continue_()
+    Records what the page sends (start, steer, played). ``hold_after`` clips, further
+    clips wait here until ``release()``: the page's buffer runs dry, as when the server
+    is late, whatever the machine's speed.
+    """
 
-    page.route("**/run_inference/", answer)
+    def __init__(self, hold_after: int | None = None) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.clips = 0
+        self.hold_after = hold_after
+        self.held: list[str | bytes] = []
+        self.page_side: Any = None
+
+    def route(self, ws: Any) -> None:
+        self.page_side = ws
+        server = ws.connect_to_server()
+        ws.on_message(lambda message: self._from_page(server, message))
+        server.on_message(self._from_server)
+
+    def _from_page(self, server: Any, message: str | bytes) -> None:
+        self.sent.append(json.loads(message))
+        server.send(message)
+
+    def _from_server(self, message: str | bytes) -> None:
+        if json.loads(message).get("type") == "clip":
+            self.clips += 1
+            if self.hold_after is not None and self.clips > self.hold_after:
+                self.held.append(message)
+                return
+        self.page_side.send(message)
+
+    def release(self) -> None:
+        self.hold_after = None
+        for message in self.held:
+            self.page_side.send(message)
+        self.held.clear()
+
+
+def test_jam_streams_a_session_and_a_prompt_typed_mid_play_is_heard(page: Any) -> None:
+    proxy = SessionProxy()
+    page.route_web_socket(re.compile(r".*/session$"), proxy.route)
     page.fill("#jam-steps", STEPS)
     page.click("#jam-play")
-
     page.wait_for_function(
         "window.playground.jam.clipsStarted >= 2", timeout=CLIP_TIMEOUT_MS, polling=200
     )
     state = page.evaluate(JAM_STATE)
     assert state["audioState"] == "running"
     started = [clip for clip in state["clips"] if clip["status"] in ("playing", "played")]
-    assert len(started) >= 2
     assert all(clip["durationS"] > 0.5 for clip in started)  # decoded clips
-    # Alpha walks from the start prompt towards the end prompt, a quarter per clip.
-    assert [clip["alpha"] for clip in state["clips"][:3]] == [0.0, 0.25, 0.5]
-    assert requests[0]["start"]["prompt"] == "church bells on sunday"
-    assert requests[0]["end"]["prompt"] == "jazz with piano"
-    assert requests[0]["num_inference_steps"] == int(STEPS)
+    # The session walks alpha a quarter per clip from the start prompt, seed after seed.
+    assert [clip["alpha"] for clip in state["clips"][:2]] == [0.0, 0.25]
+    assert state["clips"][0]["start"] == {"prompt": "church bells on sunday", "seed": 42}
+    assert state["clips"][0]["end"] == {"prompt": "church bells on sunday", "seed": 43}
+    start = proxy.sent[0]
+    assert start["type"] == "start" and start["api_key"] == API_KEY
+    assert start["num_inference_steps"] == int(STEPS) and start["seed_image_id"] == "og_beat"
     page.wait_for_function(f"window.playground.jam.audioTime > {state['audioTime'] + 0.3}")
+    # The page tells the server how far it has played.
+    page.wait_for_function("window.playground.jam.playedS > 0.5", timeout=CLIP_TIMEOUT_MS)
+    assert any(m["type"] == "played" and m["position_s"] > 0 for m in proxy.sent)
 
     # The clip now playing shows its spectrogram, and the timeline has drawn it.
     spectrogram = page.locator("#jam-spectrogram")
@@ -248,38 +278,70 @@ def test_jam_plays_clips_and_recovers_from_an_api_error(page: Any) -> None:
     )
     assert lit > 64 * 64
 
-    # The 429, in words, on the page.
+    # What to hear next, typed while it plays: a later clip heads for it, and is heard.
+    page.fill("#jam-next-prompt", "jazz with piano")
+    page.click("#jam-steer")
     page.wait_for_function(
-        "window.playground.jam.errors.length >= 1", timeout=CLIP_TIMEOUT_MS, polling=100
-    )
-    error = page.locator("#jam-error")
-    assert error.is_visible()
-    assert "429" in error.inner_text()
-    assert "busy" in error.inner_text()
-    failed = page.evaluate(JAM_STATE)["errors"][0]
-    assert failed["status"] == 429
-    # Later clips may not overtake the failed one, so playback runs dry meanwhile: shown.
-    page.wait_for_selector("#jam-behind:not([hidden])", timeout=CLIP_TIMEOUT_MS)
-    assert "behind playback" in page.locator("#jam-behind").inner_text()
-
-    # Recovery: the failed clip arrives on retry and plays, and so do the ones after it.
-    page.wait_for_function(
-        f"""() => {{
-          const jam = window.playground.jam;
-          return jam.recoveries >= 1 && jam.clipsStarted >= {failed["clip"] + 2};
-        }}""",
+        """() => window.playground.jam.clips.some((c) =>
+             c.end.prompt === 'jazz with piano' && ['playing', 'played'].includes(c.status))""",
         timeout=CLIP_TIMEOUT_MS,
         polling=200,
     )
-    state = page.evaluate(JAM_STATE)
-    assert state["clips"][failed["clip"]]["status"] in ("playing", "played")
-    assert state["underruns"] >= 1
-    assert "Recovered" in error.inner_text()
+    assert {"type": "steer", "prompt": "jazz with piano"} in proxy.sent
     screenshot = os.environ.get(SCREENSHOT_ENV)
     if screenshot:
         page.screenshot(path=screenshot, full_page=True)
-
     page.click("#jam-play")  # stop
+    assert page.evaluate("window.playground.jam.playing") is False
+    assert page.locator("#jam-steer").is_disabled()
+
+
+def test_jam_loops_the_last_clip_while_the_next_is_late(page: Any) -> None:
+    proxy = SessionProxy(hold_after=2)
+    page.route_web_socket(re.compile(r".*/session$"), proxy.route)
+    page.fill("#jam-steps", STEPS)
+    page.click("#jam-play")
+    # Two clips play, then the third is late: the second one loops, shown as such.
+    page.wait_for_function("window.playground.jam.looping", timeout=CLIP_TIMEOUT_MS, polling=100)
+    behind = page.locator("#jam-behind")
+    assert behind.is_visible()
+    assert "looping clip 2" in behind.inner_text()
+    state = page.evaluate(JAM_STATE)
+    assert state["underruns"] == 1 and state["started"] == 2
+    # The late clip arrives: the loop ends and playback goes on with it.
+    proxy.release()
+    page.wait_for_function(
+        "window.playground.jam.clipsStarted >= 3 && !window.playground.jam.looping",
+        timeout=CLIP_TIMEOUT_MS,
+        polling=100,
+    )
+    assert behind.is_hidden()
+    page.click("#jam-play")  # stop
+
+
+def test_jam_says_when_the_service_is_full(page: Any) -> None:
+    def full(ws: Any) -> None:  # the server's answer when admission refuses a listener
+        ws.on_message(
+            lambda _message: (
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "refused",
+                            "message": "the service is full: another listener would need 95 %",
+                            "retry_after_s": 30,
+                        }
+                    )
+                ),
+                ws.close(code=1013, reason="the service is full"),
+            )
+        )
+
+    page.route_web_socket(re.compile(r".*/session$"), full)
+    page.click("#jam-play")
+    page.wait_for_function("window.playground.jam.refusals.length === 1")
+    error = page.locator("#jam-error")
+    assert error.is_visible()
+    assert "service is full" in error.inner_text() and "retry in 30 s" in error.inner_text()
     assert page.evaluate("window.playground.jam.playing") is False
 
 

@@ -1,21 +1,34 @@
 """Audio <-> spectrogram commands: audio-to-image, audio-to-images and image-to-audio.
 
 They need torch and torchaudio (the spectrogram transforms) and nothing of the
-model. Expected failures (bad audio, bad images) end in a one-line ``Error: ...``.
+model, and import them only once the inputs are checked, so a missing or unreadable
+file is reported at once. Expected failures (bad audio, bad images) end in a
+one-line ``Error: ...``. Long conversions show a progress bar on stderr.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from riffusion.audio import (
     DEFAULT_SAMPLE_RATE,
     Audio,
-    AudioError,
+    format_for_path,
     normalize_loudness,
     read_audio,
     resample,
@@ -24,41 +37,85 @@ from riffusion.audio import (
     write_audio,
 )
 from riffusion.cli.errors import friendly_errors
-from riffusion.spectrogram import (
-    SpectrogramError,
-    SpectrogramParams,
-    audio_from_image,
-    image_from_audio,
-    resolve_device,
-)
+from riffusion.progress import listening_to
+
+if TYPE_CHECKING:  # torch: imported once the inputs are checked
+    from riffusion.spectrogram import SpectrogramParams
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
 # Reflect padding of the STFT needs more than half the 400 ms FFT.
 MIN_SPECTROGRAM_AUDIO_S = 0.25
-EXPECTED_ERRORS = (AudioError, SpectrogramError, OSError)
+# AudioError and SpectrogramError are ValueErrors.
+EXPECTED_ERRORS = (ValueError, OSError)
+# soft_wrap: messages stay on one line whatever the terminal width.
+stderr = Console(stderr=True, soft_wrap=True)
 
 
-def default_device() -> str:
-    return str(resolve_device())
+def checked_device(value: str | None) -> str:
+    """``--device`` as a torch device name (imports torch: call after the input checks)."""
+    import torch
 
+    from riffusion.spectrogram import resolve_device
 
-def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value is None:
+        return str(resolve_device())
     try:
         device = torch.device(value)
     except RuntimeError as error:
-        raise click.BadParameter(f"not a torch device: {value!r}") from error
+        raise click.BadParameter(f"not a torch device: {value!r}", param_hint="--device") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu")
+        raise click.BadParameter(
+            "CUDA is not available on this machine; use --device cpu", param_hint="--device"
+        )
     return value
 
 
 device_option = click.option(
     "--device",
-    default=default_device,
+    default=None,
     show_default="cuda if available, else cpu",
-    callback=_check_device,
     help="Torch device for the spectrogram transforms.",
 )
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+    )
+
+
+@contextmanager
+def stages(names: list[str]) -> Iterator[Callable[[str], None]]:
+    """A progress bar over a command's stages (and over Griffin-Lim's iterations).
+
+    Yields ``begin(name)``: the bar advances as each named stage begins; Griffin-Lim's
+    iterations show on a second bar of their own while it runs.
+    """
+    with progress_bar() as progress:
+        task = progress.add_task(names[0], total=len(names))
+        iterations: TaskID | None = None
+        done = -1
+
+        def begin(name: str) -> None:
+            nonlocal done
+            done += 1
+            progress.update(task, description=name, completed=done)
+
+        def on_progress(stage: str, finished: int, total: int) -> None:
+            nonlocal iterations
+            if iterations is None:
+                iterations = progress.add_task(stage, total=total)
+            progress.update(iterations, completed=finished, total=total)
+
+        with listening_to(on_progress):
+            yield begin
+        progress.update(task, completed=len(names))
+
+
 channels_option = click.option(
     "--stereo/--mono",
     default=None,
@@ -71,12 +128,14 @@ def load_image(path: Path) -> Image.Image:
         image = Image.open(path)
         image.load()
     except UnidentifiedImageError:
-        raise SpectrogramError(f"not a readable image file: {path}") from None
+        raise ValueError(f"not a readable image file: {path}") from None
     return image
 
 
 def prepare_audio(audio: Audio, stereo: bool | None) -> tuple[Audio, SpectrogramParams]:
     """Resample to the model's rate and pick the channel layout."""
+    from riffusion.spectrogram import SpectrogramParams
+
     audio = resample(audio, DEFAULT_SAMPLE_RATE)
     if stereo is None:
         stereo = audio.channels >= 2
@@ -89,16 +148,22 @@ def save_image(image: Image.Image, path: Path) -> None:
     image.save(path, exif=image.getexif())
 
 
-def convert_audio_file(
-    source: Path, output: Path, stereo: bool | None, device: str, max_duration_s: float | None
-) -> Image.Image:
-    audio = read_audio(
-        source, max_duration_s=max_duration_s, min_duration_s=MIN_SPECTROGRAM_AUDIO_S
-    )
+def read_source(source: Path, max_duration_s: float | None) -> Audio:
+    return read_audio(source, max_duration_s=max_duration_s, min_duration_s=MIN_SPECTROGRAM_AUDIO_S)
+
+
+def convert_audio(audio: Audio, output: Path, stereo: bool | None, device: str) -> Image.Image:
+    from riffusion.spectrogram import image_from_audio
+
     audio, params = prepare_audio(audio, stereo)
     image = image_from_audio(audio, params, device=device)
     save_image(image, output)
     return image
+
+
+def check_image_output(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: spectrogram images are written as PNG; name it *.png")
 
 
 @click.command("audio-to-image")
@@ -108,14 +173,25 @@ def convert_audio_file(
 @click.option("--max-duration", type=float, default=None, help="Refuse audio longer than this (s).")
 @device_option
 def audio_to_image(
-    audio_file: Path, image_file: Path, stereo: bool | None, max_duration: float | None, device: str
+    audio_file: Path,
+    image_file: Path,
+    stereo: bool | None,
+    max_duration: float | None,
+    device: str | None,
 ) -> None:
     """Convert AUDIO_FILE (wav/flac/ogg/mp3) to a spectrogram IMAGE_FILE (png, with EXIF).
 
     The audio is resampled to 44.1 kHz; one pixel column is 10 ms.
     """
     with friendly_errors(*EXPECTED_ERRORS):
-        image = convert_audio_file(audio_file, image_file, stereo, device, max_duration)
+        check_image_output(image_file)
+        with stages(["reading the audio", "loading torch", "spectrogram"]) as begin:
+            begin("reading the audio")
+            audio = read_source(audio_file, max_duration)
+            begin("loading torch")
+            device = checked_device(device)
+            begin("spectrogram")
+            image = convert_audio(audio, image_file, stereo, device)
     click.echo(f"wrote {image_file} ({image.width}x{image.height} px)")
 
 
@@ -131,7 +207,7 @@ def audio_to_image(
 )
 @device_option
 def image_to_audio(
-    image_file: Path, audio_file: Path, seed: int, normalize: bool, device: str
+    image_file: Path, audio_file: Path, seed: int, normalize: bool, device: str | None
 ) -> None:
     """Reconstruct audio from a spectrogram IMAGE_FILE into AUDIO_FILE (format from suffix).
 
@@ -139,13 +215,23 @@ def image_to_audio(
     Griffin-Lim phase reconstruction.
     """
     with friendly_errors(*EXPECTED_ERRORS):
+        format_for_path(audio_file)  # an unknown suffix fails now, not after the work
         image = load_image(image_file)
-        generator = torch.Generator().manual_seed(seed)
-        audio = audio_from_image(image, device=device, generator=generator)
-        if normalize:
-            audio = normalize_loudness(audio)
-        audio_file.parent.mkdir(parents=True, exist_ok=True)
-        write_audio(audio, audio_file)
+        with stages(["loading torch", "Griffin-Lim", "writing the audio"]) as begin:
+            begin("loading torch")
+            device = checked_device(device)
+            import torch
+
+            from riffusion.spectrogram import audio_from_image
+
+            begin("Griffin-Lim")
+            generator = torch.Generator().manual_seed(seed)
+            audio = audio_from_image(image, device=device, generator=generator)
+            begin("writing the audio")
+            if normalize:
+                audio = normalize_loudness(audio)
+            audio_file.parent.mkdir(parents=True, exist_ok=True)
+            write_audio(audio, audio_file)
     click.echo(f"wrote {audio_file} ({audio.duration_s:.2f} s, {audio.channels} ch)")
 
 
@@ -156,7 +242,11 @@ def image_to_audio(
 @click.option("--max-duration", type=float, default=None, help="Skip audio longer than this (s).")
 @device_option
 def audio_to_images(
-    input_dir: Path, output_dir: Path, stereo: bool | None, max_duration: float | None, device: str
+    input_dir: Path,
+    output_dir: Path,
+    stereo: bool | None,
+    max_duration: float | None,
+    device: str | None,
 ) -> None:
     """Convert every audio file in INPUT_DIR to a spectrogram PNG in OUTPUT_DIR.
 
@@ -167,26 +257,15 @@ def audio_to_images(
         raise click.ClickException(
             f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in {input_dir}"
         )
-    # rich's progress bar: only this command shows one.
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
     failures: list[tuple[Path, str]] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("converting", total=len(sources))
+    with progress_bar() as progress:
+        task = progress.add_task("loading torch", total=len(sources))
+        device = checked_device(device)
         for source in sources:
             progress.update(task, description=source.name)
             try:
-                convert_audio_file(
-                    source, output_dir / f"{source.stem}.png", stereo, device, max_duration
-                )
+                audio = read_source(source, max_duration)
+                convert_audio(audio, output_dir / f"{source.stem}.png", stereo, device)
             except EXPECTED_ERRORS as error:
                 failures.append((source, str(error)))
                 progress.console.print(f"[red]skipped[/red] {source.name}: {error}", soft_wrap=True)

@@ -1,6 +1,8 @@
-"""A quick look at the Hugging Face hub before a CLI command loads a hub checkpoint.
+"""A quick look at ``--model`` before a CLI command imports torch and loads a checkpoint.
 
-Without it, an offline machine spends about 25 s in the hub client's retries
+A directory that does not exist, or a hub checkpoint that is not cached on an offline
+machine, is reported in one line at once, before the 20-40 s of heavy imports. Without
+the hub check an offline machine also spends about 25 s in the hub client's retries
 and then reports a missing ``scheduler_config.json``. One request with a short
 timeout tells "unreachable" apart at once: a cached checkpoint is then loaded
 from the cache, otherwise the command stops with one line saying what to do.
@@ -11,7 +13,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from riffusion.models import MODEL_ENV_VAR, TINY_MODEL_ID, ModelLoadError, hub_offline
+from riffusion.model_source import (
+    HUB_ID_RE,
+    MODEL_ENV_VAR,
+    TINY_MODEL_ID,
+    ModelLoadError,
+    hub_offline,
+    missing_directory_error,
+)
 
 PROBE_TIMEOUT_S = 5.0
 # A file every diffusers checkpoint has: its presence in the cache means the model was fetched.
@@ -38,22 +47,32 @@ def is_cached(model_id: str) -> bool:
 
 
 def prepare_hub_model(model: str) -> str | None:
-    """Check a hub model before loading; returns a note to show the user, if any.
+    """Check ``model`` before loading; returns a note to show the user, if any.
 
-    Offline with the model cached: switches the load to the cache (HF_HUB_OFFLINE=1).
-    Offline without it: raises ModelLoadError naming the fixes.
+    A path that is no directory: raises ModelLoadError. A hub id offline (HF_HUB_OFFLINE
+    or unreachable) and cached: loads from the cache (HF_HUB_OFFLINE=1); not cached:
+    raises ModelLoadError naming the fixes.
     """
-    if model == TINY_MODEL_ID or Path(model).expanduser().is_dir() or hub_offline():
+    if model == TINY_MODEL_ID or Path(model).expanduser().is_dir():
         return None
+    if Path(model).expanduser().exists() or not HUB_ID_RE.match(model):
+        raise missing_directory_error(model)
+    if hub_offline():
+        if is_cached(model):
+            return None
+        raise _not_cached(model, "HF_HUB_OFFLINE is set")
     reason = hub_unreachable_reason()
     if reason is None:
         return None
     if is_cached(model):
         os.environ["HF_HUB_OFFLINE"] = "1"
         return f"the Hugging Face hub is unreachable ({reason}); using the cached {model}"
-    raise ModelLoadError(
-        f"model {model!r} is not in the Hugging Face cache and the hub is unreachable "
-        f"({reason}); connect to the network once to download it, pass a local diffusers "
-        f"directory with --model, or use --model tiny ({MODEL_ENV_VAR}=tiny) for an offline "
-        "smoke run"
+    raise _not_cached(model, f"the hub is unreachable ({reason})")
+
+
+def _not_cached(model: str, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {model!r} is not in the Hugging Face cache and {why}; connect to the network "
+        "once to download it, pass a local diffusers directory with --model, or use "
+        f"--model tiny ({MODEL_ENV_VAR}=tiny) for an offline smoke run"
     )

@@ -18,6 +18,7 @@ import torchaudio.transforms as T
 from torch import Tensor
 
 from riffusion.device_policy import device_policy
+from riffusion.progress import report as report_progress
 from riffusion.spectrogram.params import SpectrogramError, SpectrogramParams
 from riffusion.spectrogram.stft import ChunkBuffers, StftGrid
 
@@ -348,6 +349,7 @@ class SpectrogramConverter:
                 update.mul_(scale.unsqueeze(-1))
                 summed.add(grid.synthesise(spectrum), first)
             waveform = summed.signal(envelope)
+            report_progress("griffin-lim", iteration + 1, p.num_griffin_lim_iters)
         return waveform
 
     def _chunk_frames(self, batch: int, grid: StftGrid) -> int:

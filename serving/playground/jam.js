@@ -1,155 +1,136 @@
-// The jam: clips requested ahead over run_inference/, alpha walking 0 -> 1 and on, played
-// back to back on one AudioContext timeline with their spectrograms scrolling past.
+// The jam: one listener session (WebSocket /session) streams clips as this page plays
+// them; they play back to back on one AudioContext timeline, spectrograms scrolling past.
+// The page reports how far it has played, so the server generates each clip in time for
+// it; "what to hear next" steers the jam from the next clip on. When a clip is late, the
+// last one loops (as the riffusion web app does) until the next one arrives.
 
-import { ApiError, api } from "./api.js";
-import { $, state } from "./state.js";
+import { askForKey } from "./api.js";
+import { $, KEY_STORAGE, state } from "./state.js";
 
-const ALPHA_STEP = 0.25; // four clips per transition, like the riffusion web app
-const MAX_AHEAD = 3; // clips requested or waiting ahead of the one playing (web app: 3)
 const CROSSFADE_S = 0.01; // consecutive clips overlap this much: no gap, no click
 const START_DELAY_S = 0.1; // scheduling margin when (re)starting the timeline
-const RETRY_BASE_S = 1;
-const RETRY_MAX_S = 10;
 const TIMELINE_PX_PER_S = 50; // 5.12 s clip -> 256 px: square like its 512x512 image
 const TICK_MS = 100;
+const REPORT_EVERY_S = 1; // how often the page tells the server its playback position
 const HISTORY_S = 60; // longer than the timeline shows left of the playhead
+const SESSION_URL = new URL("../session", document.baseURI);
+SESSION_URL.protocol = SESSION_URL.protocol === "https:" ? "wss:" : "ws:";
 
 const jam = state.jam;
 let audioContext = null;
 let output = null;
-let runId = 0; // bumped on stop: late answers of an old run are dropped
-let walker = null;
+let socket = null;
 let nextStartTime = 0; // where the next clip starts on the AudioContext clock
 let nextToSchedule = 0;
+let loop = null; // {source, clip}: the last clip looping while the next one is late
+let lastReportAt = 0;
 const buffers = new Map(); // clip index -> AudioBuffer
 const images = new Map(); // clip index -> loaded <img>
 const sources = new Set();
-const controllers = new Set();
 let tickTimer = null;
 
 function jamSettings() {
   return {
-    startPrompt: $("jam-start-prompt").value.trim(),
-    startSeed: Number.parseInt($("jam-start-seed").value, 10),
-    endPrompt: $("jam-end-prompt").value.trim(),
-    endSeed: Number.parseInt($("jam-end-seed").value, 10),
-    seedImageId: $("jam-seed-image").value,
-    maskImageId: $("jam-mask").value || null,
+    prompt: $("jam-start-prompt").value.trim(),
+    seed: Number.parseInt($("jam-start-seed").value, 10),
+    seed_image_id: $("jam-seed-image").value,
+    mask_image_id: $("jam-mask").value || null,
     denoising: Number($("jam-denoising").value),
-    steps: Number.parseInt($("jam-steps").value, 10),
+    num_inference_steps: Number.parseInt($("jam-steps").value, 10),
   };
 }
 
-// Alpha walks 0 -> 1 in quarter steps; at 1 the end input becomes the start and the
-// next transition heads for the end prompt (as edited by then) with the next seed.
-function nextClipInputs() {
-  if (walker.first) {
-    walker.first = false;
-  } else {
-    walker.alpha = Math.round((walker.alpha + ALPHA_STEP) * 1e6) / 1e6;
-    if (walker.alpha > 1) {
-      walker.start = walker.end;
-      walker.end = { prompt: jamSettings().endPrompt, seed: walker.end.seed + 1 };
-      walker.alpha = ALPHA_STEP;
-    }
-  }
-  return { alpha: walker.alpha, start: { ...walker.start }, end: { ...walker.end } };
+function send(message) {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(message));
 }
 
-function newClip() {
-  const inputs = nextClipInputs();
+function openSession() {
+  const ws = new WebSocket(SESSION_URL);
+  socket = ws;
+  ws.onopen = () => {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    ws.send(JSON.stringify({ type: "start", ...jamSettings(), ...(key ? { api_key: key } : {}) }));
+  };
+  ws.onmessage = (event) => {
+    if (ws !== socket) return;
+    onMessage(JSON.parse(event.data));
+  };
+  ws.onclose = (event) => {
+    if (ws !== socket || !jam.playing) return;
+    socket = null;
+    if (jam.reconnecting) {
+      jam.reconnecting = false;
+      jam.reconnects += 1;
+      openSession(); // the server is shutting down: a new session lands on another replica
+      return;
+    }
+    showJamError(`The session ended (${event.code}${event.reason ? `: ${event.reason}` : ""}).`);
+    stopJam("stopped: the session ended");
+  };
+}
+
+function onMessage(message) {
+  switch (message.type) {
+    case "accepted":
+      jam.sessionId = message.session_id;
+      jam.status = "playing";
+      break;
+    case "refused":
+      jam.refusals.push(message);
+      showJamError(
+        `${message.message} (retry in ${Math.round(message.retry_after_s ?? 30)} s).`,
+      );
+      stopJam("refused: the service is full");
+      break;
+    case "clip":
+      receiveClip(message);
+      break;
+    case "error":
+      jam.errors.push({ ...message, at: Date.now() });
+      if (message.field === "api_key") {
+        askForKey("The jam needs a valid API key.");
+        stopJam("stopped: the API key was refused");
+      }
+      showJamError(message.field ? `${message.field}: ${message.message}` : message.message);
+      break;
+    case "reconnect":
+      jam.reconnecting = true; // the close that follows opens a new session
+      break;
+    default:
+      break;
+  }
+}
+
+async function receiveClip(message) {
   const clip = {
     index: jam.clips.length,
-    alpha: inputs.alpha,
-    start: inputs.start,
-    end: inputs.end,
-    status: "requested",
-    attempts: 0,
-    generationS: null,
+    serverIndex: message.index,
+    alpha: message.alpha,
+    start: message.start,
+    end: message.end,
+    status: "received",
     durationS: null,
     startTime: null,
     endTime: null,
-    error: null,
+    underrunS: message.underrun_s,
+    timings: message.timings,
   };
   jam.clips.push(clip);
-  return clip;
-}
-
-function clipRequest(clip) {
-  const settings = jamSettings();
-  const input = (side) => ({ prompt: side.prompt, seed: side.seed, denoising: settings.denoising });
-  return {
-    alpha: clip.alpha,
-    num_inference_steps: settings.steps,
-    seed_image_id: settings.seedImageId,
-    mask_image_id: settings.maskImageId,
-    start: input(clip.start),
-    end: input(clip.end),
-  };
-}
-
-// Keep MAX_AHEAD clips requested or buffered beyond the one playing.
-function pump() {
-  if (!jam.playing) return;
-  const ahead = jam.clips.filter((clip) => !["playing", "played"].includes(clip.status)).length;
-  for (let i = ahead; i < MAX_AHEAD; i += 1) requestClip(newClip(), runId);
-}
-
-async function requestClip(clip, run) {
-  clip.attempts += 1;
-  clip.status = clip.attempts > 1 ? "retrying" : "requested";
-  const controller = new AbortController();
-  controllers.add(controller);
-  jam.inFlight += 1;
-  const sent = performance.now();
+  jam.clipsReceived += 1;
   try {
-    const response = await api("run_inference/", {
-      method: "POST",
-      json: clipRequest(clip),
-      signal: controller.signal,
-    });
-    const payload = await response.json();
-    if (run !== runId) return;
-    clip.generationS = (performance.now() - sent) / 1000;
-    clip.status = "received";
-    jam.clipsReceived += 1;
-    const [buffer, image] = await Promise.all([decodeAudio(payload.audio), loadImage(payload.image)]);
-    if (run !== runId) return;
+    const [buffer, image] = await Promise.all([decodeAudio(message.audio), loadImage(message.image)]);
+    if (!jam.playing) return;
     buffers.set(clip.index, buffer);
     images.set(clip.index, image);
     // The MP3 may carry encoder padding at the end: play the clip's own length.
-    clip.durationS = Math.min(buffer.duration, payload.duration_s || buffer.duration);
+    clip.durationS = Math.min(buffer.duration, message.duration_s || buffer.duration);
     clip.status = "decoded";
     jam.clipsDecoded += 1;
-    if (clip.error) {
-      jam.recoveries += 1;
-      showJamError(`${clip.error} Recovered: clip ${clip.index + 1} arrived on retry.`);
-      clip.error = null;
-    }
     scheduleReady();
   } catch (err) {
-    if (err.name === "AbortError" || run !== runId) return;
-    const message = err instanceof ApiError ? err.message : `Could not play the clip: ${err.message}`;
-    clip.error = message;
-    jam.errors.push({ clip: clip.index, status: err.status ?? null, message, at: Date.now() });
-    if (err.status === 400 || err.status === 401) {
-      // The request itself is wrong (or no key was given): retrying cannot help.
-      showJamError(`${message} Playback stopped.`);
-      stopJam("stopped after an error");
-      return;
-    }
-    const delayS =
-      err.retryAfterS ?? Math.min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (clip.attempts - 1));
-    clip.status = "waiting to retry";
-    showJamError(`${message} Retrying clip ${clip.index + 1} in ${delayS.toFixed(0)} s.`);
-    setTimeout(() => {
-      if (run === runId) requestClip(clip, run);
-    }, delayS * 1000);
-  } finally {
-    controllers.delete(controller);
-    jam.inFlight -= 1;
+    clip.status = "undecodable";
+    showJamError(`Could not play clip ${clip.index + 1}: ${err.message}`);
   }
-  pump();
 }
 
 async function decodeAudio(dataUrl) {
@@ -172,26 +153,61 @@ function scheduleReady() {
     const clip = jam.clips[nextToSchedule];
     if (!clip || clip.status !== "decoded") return;
     const now = audioContext.currentTime;
-    // First clip, or generation fell behind: start the timeline again just ahead of now.
+    if (loop) endLoop(now);
+    // First clip, or the buffer ran dry: start the timeline again just ahead of now.
     const when = nextStartTime > now + 0.02 ? nextStartTime : now + START_DELAY_S;
-    const end = when + clip.durationS;
-    const source = audioContext.createBufferSource();
-    source.buffer = buffers.get(clip.index);
-    const gain = audioContext.createGain();
-    gain.gain.setValueAtTime(0, when);
-    gain.gain.linearRampToValueAtTime(1, when + CROSSFADE_S);
-    gain.gain.setValueAtTime(1, end - CROSSFADE_S);
-    gain.gain.linearRampToValueAtTime(0, end);
-    source.connect(gain).connect(output);
-    source.start(when, 0, clip.durationS);
-    sources.add(source);
-    source.onended = () => sources.delete(source);
+    play(buffers.get(clip.index), when, clip.durationS);
     clip.startTime = when;
-    clip.endTime = end;
+    clip.endTime = when + clip.durationS;
     clip.status = "scheduled";
-    nextStartTime = end - CROSSFADE_S;
+    nextStartTime = clip.endTime - CROSSFADE_S;
     nextToSchedule += 1;
   }
+}
+
+function play(buffer, when, durationS, looping = false) {
+  const source = audioContext.createBufferSource();
+  source.buffer = buffer;
+  source.loop = looping;
+  const gain = audioContext.createGain();
+  gain.gain.setValueAtTime(0, when);
+  gain.gain.linearRampToValueAtTime(1, when + CROSSFADE_S);
+  if (!looping) {
+    gain.gain.setValueAtTime(1, when + durationS - CROSSFADE_S);
+    gain.gain.linearRampToValueAtTime(0, when + durationS);
+  } else {
+    source.loopEnd = durationS;
+  }
+  source.connect(gain).connect(output);
+  source.start(when, 0, looping ? undefined : durationS);
+  sources.add(source);
+  source.onended = () => sources.delete(source);
+  return source;
+}
+
+// The buffer ran dry: loop the last clip heard, shown as such, until the next one is here.
+function startLoop(now) {
+  const last = [...jam.clips].reverse().find((clip) => clip.endTime !== null && buffers.has(clip.index));
+  if (!last) return;
+  loop = { source: play(buffers.get(last.index), now, last.durationS, true), clip: last };
+  jam.looping = true;
+  jam.loops += 1;
+}
+
+function endLoop(now) {
+  loop.source.stop(now + START_DELAY_S);
+  loop = null;
+  jam.looping = false;
+}
+
+// Seconds of the session's audio heard: what the server schedules against.
+function playedS(now) {
+  let played = 0;
+  for (const clip of jam.clips) {
+    if (clip.startTime === null) continue;
+    played += Math.min(clip.durationS, Math.max(0, now - clip.startTime));
+  }
+  return played;
 }
 
 function tick() {
@@ -199,6 +215,7 @@ function tick() {
   const now = audioContext.currentTime;
   jam.audioTime = now;
   jam.audioState = audioContext.state;
+  const last = jam.clips[nextToSchedule - 1];
   for (const clip of jam.clips) {
     if (clip.status !== "scheduled" && clip.status !== "playing") continue;
     if (now >= clip.startTime && clip.status === "scheduled") {
@@ -208,10 +225,9 @@ function tick() {
     }
     if (now >= clip.endTime) {
       clip.status = "played";
-      buffers.delete(clip.index); // keep memory bounded on endless runs
+      if (clip !== last) buffers.delete(clip.index); // the last one may loop
     }
   }
-  // Spectrograms that have scrolled off the timeline are no longer needed.
   for (const [index, _image] of images) {
     const clip = jam.clips[index];
     if (index !== jam.currentClip && clip.endTime !== null && now - clip.endTime > HISTORY_S) {
@@ -220,9 +236,16 @@ function tick() {
   }
   jam.bufferedAheadS = Math.max(0, nextStartTime - now);
   const behind = jam.playing && jam.clipsStarted > 0 && now >= nextStartTime;
-  if (behind && !jam.behind) jam.underruns += 1;
+  if (behind && !jam.behind) {
+    jam.underruns += 1;
+    startLoop(now);
+  }
   jam.behind = behind;
-  if (jam.playing) pump();
+  jam.playedS = playedS(now);
+  if (jam.playing && now - lastReportAt >= REPORT_EVERY_S && jam.clipsStarted > 0) {
+    lastReportAt = now;
+    send({ type: "played", position_s: Math.round(jam.playedS * 1000) / 1000 });
+  }
   renderJam();
 }
 
@@ -233,29 +256,31 @@ function showCurrentClip(clip) {
   img.hidden = false;
   jam.spectrogramShown = true;
   const describe = (side) => `${side.prompt} (seed ${side.seed})`;
-  const generated = clip.generationS === null ? "" : ` · generated in ${clip.generationS.toFixed(1)} s`;
+  const total = clip.timings && clip.timings.total;
+  const generated = total ? ` · generated in ${total.toFixed(1)} s` : "";
   $("jam-caption").textContent =
     `Clip ${clip.index + 1} · alpha ${clip.alpha.toFixed(2)} · ` +
     `${describe(clip.start)} → ${describe(clip.end)}${generated}`;
 }
 
 function renderJam() {
-  const waitingFor = jam.clips.find((clip) => !["scheduled", "playing", "played"].includes(clip.status));
   let status;
   if (!jam.playing) status = jam.status;
-  else if (jam.clipsStarted === 0) status = "Generating the first clips…";
+  else if (jam.clipsStarted === 0) status = "Generating the first clip…";
   else status = `Playing clip ${jam.currentClip + 1}.`;
   $("jam-status").textContent = status;
   const behindLine = $("jam-behind");
   if (jam.behind) {
-    const waited = waitingFor ? ` (clip ${waitingFor.index + 1}: ${waitingFor.status})` : "";
-    behindLine.textContent = `Generation is behind playback: waiting for the next clip${waited}.`;
+    behindLine.textContent = jam.looping
+      ? `The next clip is late: looping clip ${loop.clip.index + 1} until it arrives.`
+      : "The next clip is late: waiting for it.";
   }
   behindLine.hidden = !jam.behind;
   $("jam-buffered").textContent = `${jam.bufferedAheadS.toFixed(1)} s`;
   $("jam-count").textContent = `${jam.clipsStarted} played, ${jam.clipsReceived} received`;
   const current = jam.clips[jam.currentClip];
   $("jam-alpha").textContent = current ? current.alpha.toFixed(2) : "–";
+  $("jam-steer").disabled = !jam.playing;
 }
 
 export function drawTimeline() {
@@ -290,6 +315,15 @@ function showJamError(message) {
   $("jam-error").hidden = false;
 }
 
+// "What to hear next": sent over the session, heard from the next clip it generates.
+export function steerJam() {
+  const prompt = $("jam-next-prompt").value.trim();
+  if (!jam.playing || !prompt) return;
+  send({ type: "steer", prompt });
+  jam.steers.push({ prompt, at: Date.now() });
+  $("jam-error").hidden = true;
+}
+
 export async function startJam() {
   if (!$("jam-form").reportValidity()) return;
   if (!audioContext) {
@@ -298,48 +332,52 @@ export async function startJam() {
     output.connect(audioContext.destination);
   }
   await audioContext.resume();
-  runId += 1;
   buffers.clear();
   images.clear();
   Object.assign(jam, {
     playing: true,
-    status: "playing",
+    status: "connecting",
+    sessionId: null,
     clips: [],
     clipsReceived: 0,
     clipsDecoded: 0,
     clipsStarted: 0,
     bufferedAheadS: 0,
+    playedS: 0,
     behind: false,
+    looping: false,
     underruns: 0,
+    loops: 0,
     currentClip: null,
     spectrogramShown: false,
     errors: [],
-    recoveries: 0,
+    refusals: [],
+    steers: [],
+    reconnecting: false,
+    reconnects: 0,
   });
-  const settings = jamSettings();
-  walker = {
-    first: true,
-    alpha: 0,
-    start: { prompt: settings.startPrompt, seed: settings.startSeed },
-    end: { prompt: settings.endPrompt, seed: settings.endSeed },
-  };
   nextStartTime = 0;
   nextToSchedule = 0;
+  lastReportAt = 0;
+  loop = null;
   $("jam-error").hidden = true;
   $("jam-play").textContent = "Stop";
   tickTimer = setInterval(tick, TICK_MS);
-  pump();
+  openSession();
   requestAnimationFrame(drawTimeline);
 }
 
 export function stopJam(status = "Stopped.") {
-  runId += 1;
   jam.playing = false;
   jam.behind = false;
+  jam.looping = false;
   jam.status = status;
-  for (const controller of controllers) controller.abort();
+  const closing = socket;
+  socket = null;
+  if (closing) closing.close(1000, "the listener stopped");
   for (const source of sources) source.stop();
   sources.clear();
+  loop = null;
   clearInterval(tickTimer);
   $("jam-play").textContent = "Play";
   renderJam();

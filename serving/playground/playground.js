@@ -1,14 +1,15 @@
 // Riffusion playground: plain browser JavaScript modules, no build step, no third-party code.
 //
 // Every call goes to the service's public endpoints (the page lives at <service>/ui/):
-//   jam            POST run_inference/ (one clip per request, alpha walking 0 -> 1 and on): jam.js
+//   jam            WebSocket session/ (a listener session: clips streamed against playback,
+//                  steered by "what to hear next"; docs/sessions.md): jam.js
 //   text to audio  POST text_to_audio: panels.js
 //   audio to audio POST audio_to_audio (multipart): panels.js
 // api.js makes the calls (and asks for the API key); state.js holds the page's state,
 // window.playground, read by the browser tests. This module sets the page up.
 
 import { api, askForKey, onKeySaved } from "./api.js";
-import { drawTimeline, startJam, stopJam } from "./jam.js";
+import { drawTimeline, startJam, steerJam, stopJam } from "./jam.js";
 import { audioToAudio, textToAudio } from "./panels.js";
 import { $, state } from "./state.js";
 
@@ -84,6 +85,10 @@ $("jam-form").addEventListener("submit", (event) => {
   event.preventDefault();
   if (state.jam.playing) stopJam();
   else startJam();
+});
+$("jam-next").addEventListener("submit", (event) => {
+  event.preventDefault();
+  steerJam();
 });
 $("text-form").addEventListener("submit", textToAudio);
 $("audio-form").addEventListener("submit", audioToAudio);

@@ -12,18 +12,23 @@ export const state = {
   jam: {
     playing: false,
     status: "stopped",
-    clips: [], // {index, alpha, start, end, status, attempts, durationS, startTime, ...}
+    sessionId: null,
+    clips: [], // {index, alpha, start, end, status, durationS, startTime, underrunS, ...}
     clipsReceived: 0,
     clipsDecoded: 0,
     clipsStarted: 0,
-    inFlight: 0,
     bufferedAheadS: 0,
     behind: false, // playback ran out of generated audio and is waiting
     underruns: 0,
+    looping: false, // the last clip loops while the next one is late
+    loops: 0,
+    playedS: 0,
+    steers: [], // {prompt, at}
+    refusals: [], // the server's refused messages
+    reconnects: 0,
     currentClip: null,
     spectrogramShown: false,
-    errors: [], // {clip, status, message, at}
-    recoveries: 0,
+    errors: [], // the server's error messages, {status, field, message, at}
     audioTime: 0,
     audioState: "none",
   },

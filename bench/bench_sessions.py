@@ -1,0 +1,232 @@
+"""Listener sessions on a served instance: admission, underruns, and a prompt change.
+
+Three scenarios, each on its own fresh server (tiny model, the project's seed images,
+5.12 s clips), every listener a ``SessionListener`` playing in real time on a thread:
+
+1. ramp: a new session listener every ``--ramp-every`` seconds up to ``--listeners``;
+   each admitted one listens to the end of the run. Reports, per listener, admitted or
+   refused (and how fast the refusal came, with its retry hint), clips and underruns.
+   Target: admitted listeners 0 underruns; excess listeners refused within 100 ms.
+2. mixed: ``--mixed-sessions`` session listeners beside web-app-style per-request
+   traffic (``/run_inference/`` with up to three requests in flight, back to back):
+   the session listeners must keep 0 underruns.
+3. steer: one listener sends a new prompt after its second clip; reports the time to
+   the first clip carrying it (sent by the server) and to when it is heard (that
+   clip's start in the listener's playback).
+
+    uv run --frozen --all-extras python -m bench.bench_sessions --output bench/sessions.json
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from bench.bench_engine import web_app_request
+from bench.bench_service import serve
+from load_tests.session_client import SessionListener
+
+console = Console()
+
+
+@dataclass
+class ListenerResult:
+    index: int
+    joined_at_s: float
+    accepted: bool
+    open_ms: float
+    retry_after_s: float | None = None
+    clips: int = 0
+    underruns: list[float] = field(default_factory=list)
+    first_clip_s: float | None = None
+
+
+def _listen(url: str, index: int, steps: int, until: float, result: ListenerResult) -> None:
+    listener = SessionListener(
+        url, {"prompt": "lofi beat", "seed": index, "num_inference_steps": steps}
+    )
+    try:
+        answer = listener.open()
+        result.accepted = answer.get("type") == "accepted"
+        result.open_ms = listener.report.open_s * 1000
+        result.retry_after_s = answer.get("retry_after_s")
+        if result.accepted:
+            for _ in listener.clips(seconds=max(0.0, until - time.monotonic())):
+                pass
+    finally:
+        listener.close()
+        result.clips = listener.report.clips
+        result.underruns = listener.report.underruns
+        result.first_clip_s = listener.report.first_clip_s
+
+
+def _run_listeners(
+    url: str, count: int, every_s: float, steps: int, seconds: float
+) -> list[ListenerResult]:
+    began = time.monotonic()
+    until = began + seconds
+    results: list[ListenerResult] = []
+    threads = []
+    for index in range(count):
+        wake = began + index * every_s
+        time.sleep(max(0.0, wake - time.monotonic()))
+        result = ListenerResult(index, round(time.monotonic() - began, 1), False, 0.0)
+        results.append(result)
+        thread = threading.Thread(target=_listen, args=(url, index, steps, until, result))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _per_request_traffic(url: str, steps: int, stop: threading.Event, out: dict[str, Any]) -> None:
+    """Web-app style: up to three /run_inference/ requests in flight, back to back."""
+    latencies: list[float] = []
+    failures = 0
+    lock = threading.Lock()
+
+    def one(seed: int) -> None:
+        nonlocal failures
+        while not stop.is_set():
+            began = time.perf_counter()
+            try:
+                response = httpx.post(
+                    f"{url}/run_inference/", json=web_app_request(seed, steps), timeout=120
+                )
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - began)
+                else:
+                    failures += 1
+            seed += 3
+
+    workers = [threading.Thread(target=one, args=(seed,)) for seed in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    out.update(requests=len(latencies), failures=failures, latencies=latencies)
+
+
+def _steer(url: str, steps: int) -> dict[str, float]:
+    listener = SessionListener(
+        url, {"prompt": "lofi beat", "seed": 1, "num_inference_steps": steps}
+    )
+    asked: float | None = None
+    try:
+        assert listener.open()["type"] == "accepted"
+        for clip in listener.clips(count=8):
+            now = time.monotonic()
+            if clip["index"] == 1:
+                listener.steer("church bells on sunday")
+                asked = now
+            elif asked is not None and clip["end"]["prompt"] == "church bells on sunday":
+                heard_in_s = clip["buffer_ahead_s"] + clip["timings"]["asked_to_sent_s"]
+                return {
+                    "to_first_clip_s": round(now - asked, 2),
+                    "until_heard_s": round(now - asked + max(0.0, heard_in_s - 5.12), 2),
+                    "clip_index": clip["index"],
+                }
+    finally:
+        listener.close()
+    raise RuntimeError("the steer never showed")
+
+
+def _table(title: str, results: list[ListenerResult]) -> None:
+    table = Table(title=title)
+    for column in (
+        "listener",
+        "joined s",
+        "admitted",
+        "open ms",
+        "retry s",
+        "clips",
+        "underruns",
+        "silence s",
+    ):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r.index),
+            f"{r.joined_at_s:.0f}",
+            "yes" if r.accepted else "refused",
+            f"{r.open_ms:.0f}",
+            "" if r.retry_after_s is None else f"{r.retry_after_s:.0f}",
+            str(r.clips),
+            str(len(r.underruns)),
+            f"{sum(r.underruns):.1f}",
+        )
+    console.print(table)
+
+
+@click.command()
+@click.option("--model", default="tiny", show_default=True)
+@click.option("--steps", default=10, show_default=True, help="Denoising steps per clip.")
+@click.option("--listeners", default=5, show_default=True, help="Ramp: listeners in all.")
+@click.option("--ramp-every", default=30.0, show_default=True, help="Ramp: seconds between joins.")
+@click.option("--seconds", default=240.0, show_default=True, help="Length of each scenario.")
+@click.option("--mixed-sessions", default=2, show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), default=None)
+@click.option("--scenarios", default="ramp,mixed,steer", show_default=True)
+def main(
+    model: str,
+    steps: int,
+    listeners: int,
+    ramp_every: float,
+    seconds: float,
+    mixed_sessions: int,
+    output: Path | None,
+    scenarios: str,
+) -> None:
+    """Sessions: ramp with admission, mixed traffic, prompt change latency."""
+    chosen = {name.strip() for name in scenarios.split(",")}
+    report: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
+        "model": model,
+        "steps": steps,
+    }
+    if "ramp" in chosen:
+        with serve(model, 8, "continuous") as url:
+            results = _run_listeners(url, listeners, ramp_every, steps, seconds)
+        _table(f"ramp: a listener every {ramp_every:.0f} s, {seconds:.0f} s", results)
+        report["ramp"] = [asdict(r) for r in results]
+    if "mixed" in chosen:
+        with serve(model, 8, "continuous") as url:
+            stop, traffic = threading.Event(), dict[str, Any]()
+            thread = threading.Thread(target=_per_request_traffic, args=(url, steps, stop, traffic))
+            thread.start()
+            results = _run_listeners(url, mixed_sessions, 5.0, steps, seconds)
+            stop.set()
+            thread.join()
+        _table(f"mixed: {mixed_sessions} sessions beside per-request traffic", results)
+        latencies = sorted(traffic.pop("latencies"))
+        traffic["p95_s"] = (
+            round(latencies[int(0.95 * (len(latencies) - 1))], 2) if latencies else None
+        )
+        console.print(f"per-request traffic: {traffic}")
+        report["mixed"] = {"sessions": [asdict(r) for r in results], "per_request": traffic}
+    if "steer" in chosen:
+        with serve(model, 8, "continuous") as url:
+            report["steer"] = _steer(url, steps)
+        console.print(f"steer: {report['steer']}")
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
