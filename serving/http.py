@@ -585,6 +585,9 @@ def install(
         service_logger.setLevel(logging.INFO)
     log_client_errors_in_one_line()
     bound_connections(header_timeout_s, max_connections)
+    # Inside BentoML's own middleware (as the service's middleware is), where cancelling
+    # the handler on a client disconnect reaches the endpoint and its model calls.
+    service.add_asgi_middleware(RequestLifetime, default_timeout_s=request_timeout_s)
     probe = ModelProbe(model_ready, grace_s=liveness_grace_s)
     original_call = ServiceAppFactory.__call__
     if getattr(original_call, "_riffusion_wrapped", False):
@@ -625,7 +628,6 @@ def install(
         if spec_hook is not None:
             stack.append(Middleware(OpenAPIMiddleware, service=factory.service, hook=spec_hook))
         stack.append(Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes))
-        stack.append(Middleware(RequestLifetime, default_timeout_s=request_timeout_s))
         app.user_middleware[0:0] = stack
         return app
 
