@@ -321,9 +321,7 @@ class Riffusion:
         try:
             return await client.generate(jobs, init_audio)
         except ModelCallError as failure:
-            error = failure.error
-            field = (request_fields or {}).get(error.field, error.field) if error.field else None
-            raise ApiError(error.status, field, error.message, error.retry_after_s) from None
+            raise failure.api_error(request_fields) from None
 
     # -------------------------------------------------------------- endpoints
     @bentoml.api(route="/run_inference/", input_spec=RunInferenceRequest)

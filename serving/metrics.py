@@ -58,6 +58,32 @@ DEVICE_LOAD = Gauge(
     ),
     multiprocess_mode="livemax",
 )
+# Listener sessions (serving/sessions.py), kept by the API worker.
+SESSIONS_ACTIVE = Gauge(
+    name="riffusion_sessions_active",
+    documentation="Listener sessions admitted and streaming on this API worker.",
+    multiprocess_mode="livesum",
+)
+SESSIONS_REFUSED = Counter(
+    name="riffusion_sessions_refused",
+    documentation="Listener sessions refused at admission: the service was full.",
+)
+BUFFER_AHEAD = Histogram(
+    name="riffusion_session_buffer_ahead_seconds",
+    documentation="Audio a listener had buffered ahead when their next clip was sent.",
+    buckets=(0, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30),
+)
+UNDERRUNS = Counter(
+    name="riffusion_session_underruns",
+    documentation="Clips that reached a listener after their buffer had run dry.",
+)
+UNDERRUN_SECONDS = Histogram(
+    name="riffusion_session_underrun_seconds",
+    documentation="How long a listener's buffer was dry before the next clip arrived.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+
+
 CLIPS_IN_FLIGHT = Gauge(
     name="riffusion_clips_in_flight",
     documentation=(

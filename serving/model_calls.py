@@ -37,6 +37,7 @@ from riffusion.api_schemas import (
 from riffusion.audio import Audio
 from riffusion.contracts import JobFieldError
 from riffusion.schemas import GenerationJob
+from serving.errors import ApiError
 from serving.metrics import CLIP_LATENCY, CLIPS_IN_FLIGHT
 from serving.request_lifetime import REQUEST_DEADLINE
 from serving.settings import BatchingMode
@@ -56,6 +57,13 @@ class ModelCallError(Exception):
     def __init__(self, error: ModelError) -> None:
         super().__init__(error.message)
         self.error = error
+
+    def api_error(self, request_fields: dict[str, str] | None = None) -> ApiError:
+        """The API's answer for it; ``request_fields`` maps the job field the model service
+        named (``start.prompt``) to the request's own (``prompt``); unmapped ones stay."""
+        error = self.error
+        field = (request_fields or {}).get(error.field, error.field) if error.field else None
+        return ApiError(error.status, field, error.message, error.retry_after_s)
 
 
 # --- model side --------------------------------------------------------------------------------

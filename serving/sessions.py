@@ -39,7 +39,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -49,6 +48,13 @@ from riffusion.playback import PlaybackClock
 from riffusion.schemas import GenerationJob
 from serving.answers import web_app_payload
 from serving.errors import ApiError
+from serving.metrics import (
+    BUFFER_AHEAD,
+    SESSIONS_ACTIVE,
+    SESSIONS_REFUSED,
+    UNDERRUN_SECONDS,
+    UNDERRUNS,
+)
 from serving.model_calls import ModelCallError, ModelClient
 
 logger = logging.getLogger("riffusion.sessions")
@@ -59,30 +65,6 @@ MESSAGE_TOO_BIG = 1009
 SERVICE_RESTART = 1012  # shutting down: reconnect (elsewhere)
 TRY_AGAIN_LATER = 1013  # full
 MAX_MESSAGE_CHARS = 16 * 1024
-
-SESSIONS_ACTIVE = Gauge(
-    name="riffusion_sessions_active",
-    documentation="Listener sessions admitted and streaming on this API worker.",
-    multiprocess_mode="livesum",
-)
-SESSIONS_REFUSED = Counter(
-    name="riffusion_sessions_refused",
-    documentation="Listener sessions refused at admission: the service was full.",
-)
-BUFFER_AHEAD = Histogram(
-    name="riffusion_session_buffer_ahead_seconds",
-    documentation="Audio a listener had buffered ahead when their next clip was sent.",
-    buckets=(0, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30),
-)
-UNDERRUNS = Counter(
-    name="riffusion_session_underruns",
-    documentation="Clips that reached a listener after their buffer had run dry.",
-)
-UNDERRUN_SECONDS = Histogram(
-    name="riffusion_session_underrun_seconds",
-    documentation="How long a listener's buffer was dry before the next clip arrived.",
-    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-)
 
 
 @dataclass(frozen=True)
@@ -133,8 +115,7 @@ class ModelListenerGate:
         try:
             [result] = await self.client.generate([job], due_s=due_s, listener_id=listener_id)
         except ModelCallError as failure:
-            error = failure.error
-            raise ApiError(error.status, error.field, error.message, error.retry_after_s) from None
+            raise failure.api_error() from None
         return result
 
 
@@ -416,7 +397,7 @@ class Session:
         except ApiError as failure:
             return await self._report_failure(index, failure, reader)
         now = time.monotonic()
-        BUFFER_AHEAD.observe(max(0.0, self.clock.ahead_s(now)))
+        BUFFER_AHEAD.observe(self.clock.ahead_s(now))
         underrun = self.clock.deliver(clip["duration_s"], now)
         if underrun is not None:
             UNDERRUNS.inc()
