@@ -168,6 +168,14 @@ class LocalServer:
             time.sleep(READY_POLL_S)
         self._fail(f"server not ready after {self.ready_timeout_s:.0f} s")
 
+    def wait_logged(self, text: str, timeout_s: float = 120.0) -> None:
+        """Wait until the server's log holds ``text`` (lines can follow ``/readyz``'s 200)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                self._fail(f"{text!r} not logged within {timeout_s:.0f} s")
+            time.sleep(READY_POLL_S)
+
     def _fail(self, reason: str) -> NoReturn:
         raise StartupError(f"{reason}; log {self.log_path}:\n{log_tail(self.log_path)}")
 

@@ -369,8 +369,10 @@ def test_slow_headers_are_cut_off_and_the_connections_capped(served: LocalServer
             sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
             sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
             slow.append(sock)
-        held = worker.num_fds() - fds_before
+        # The kernel queues accepted connections in order: once /readyz (opened last) is
+        # answered, the worker has taken every slow one and closed those it evicted.
         assert httpx.get(f"{served.url}/readyz", timeout=30).status_code == 200
+        held = worker.num_fds() - fds_before
         # The server closes every one of them (recv answers b"" or a reset).
         deadline = time.monotonic() + HEADER_TIMEOUT_S + 60
         open_ones = list(slow)
@@ -392,10 +394,10 @@ def test_slow_headers_are_cut_off_and_the_connections_capped(served: LocalServer
     finally:
         for sock in slow:
             sock.close()
-    # Past the cap each new connection evicts a waiting one; connections accepted in the
-    # same event-loop turn are over it for that turn: at most twice the cap, not the
-    # three times the cap that were opened (an unbounded server held all 10,000).
-    assert held <= 2 * MAX_CONNECTIONS, (held, fds_before)
+    # Past the cap each new connection evicts a waiting one: the cap, not the three times
+    # the cap that were opened (an unbounded server held all 10,000). The slack covers
+    # the worker's own sockets that come and go (to the model service, the metrics).
+    assert held <= MAX_CONNECTIONS + 8, (held, fds_before)
 
 
 @pytest.mark.xfail(

@@ -73,7 +73,7 @@ def _wait_exit(server: LocalServer, timeout_s: float) -> float:
 
 def test_clips_in_flight_are_answered_before_the_grace_ends(short_grace: LocalServer) -> None:
     server = short_grace
-    assert "Riffusion ready: model" in server.log_path.read_text(errors="replace")
+    server.wait_logged("Riffusion ready: model")
 
     def call(seed: int) -> tuple[httpx.Response, float]:
         response = httpx.post(
