@@ -5,6 +5,12 @@ watches the connection once the body has been read and cancels the handler when 
 client goes away, so ``ModelClient`` cancels the request's clips in the model service.
 It also sets the request's deadline: the service's request timeout, or a tighter one
 from the ``X-Riffusion-Timeout-Seconds`` header.
+
+A cancelled handler's request still ends with an answer nobody reads (status 499,
+"client closed request", or the end of a response already begun): BentoML's
+timeout middleware, outside this one, waits for a response's first message and held
+an abandoned request (and its ``request_in_progress`` gauge) until the request
+timeout without it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TIMEOUT_HEADER = b"x-riffusion-timeout-seconds"
+# The answer to a request whose client left first (nginx's code; counted in the metrics).
+CLIENT_CLOSED_STATUS = 499
+_CLIENT_CLOSED_BODY = b'{"error": "the client closed the request", "detail": []}'
 # time.monotonic() by which the current HTTP request must be answered.
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "riffusion_request_deadline", default=None
@@ -69,12 +78,36 @@ class RequestLifetime:
                     disconnected.set()
             handler.cancel()
 
-        handler = asyncio.ensure_future(self.app(scope, tracked_receive, send))
+        response = {"started": False, "ended": False}
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                response["ended"] = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
         watcher = asyncio.ensure_future(watch_client(handler))
         try:
             await handler
         except asyncio.CancelledError:
             if not disconnected.is_set():
                 raise  # cancelled by the server itself, not by the client leaving
+            if not response["ended"]:
+                await _end_abandoned(send, begun=response["started"])
         finally:
             watcher.cancel()
+
+
+async def _end_abandoned(send: Send, begun: bool) -> None:
+    """End the response of a request whose client left (the server drops what is sent)."""
+    if begun:
+        await send({"type": "http.response.body", "body": b""})
+        return
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_CLIENT_CLOSED_BODY)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": CLIENT_CLOSED_STATUS, "headers": headers})
+    await send({"type": "http.response.body", "body": _CLIENT_CLOSED_BODY})

@@ -400,15 +400,11 @@ def test_slow_headers_are_cut_off_and_the_connections_capped(served: LocalServer
     assert held <= MAX_CONNECTIONS + 8, (held, fds_before)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known regression (issue 19 item 2, open): since RequestLifetime moved inside "
-        "BentoML's middleware (so a disconnect cancels the model calls), BentoML's "
-        "request_in_progress gauge keeps abandoned requests counted; the clips themselves "
-        "are cancelled (riffusion_clips_in_flight and the engine gauges fall)"
-    ),
-    strict=False,
-)
+def closed_by_client(url: str) -> float:
+    labels = {"endpoint": "/text_to_audio", "http_response_code": "499"}
+    return metric_total(url, "bentoml_service_request_total", labels)
+
+
 def test_abandoned_requests_leave_no_request_in_progress(server: str) -> None:
     """Clients that hang up mid-clip: once their clips are gone, no request stays counted
     in BentoML's in-progress gauge (of either service) and no clip stays in flight."""
@@ -421,6 +417,7 @@ def test_abandoned_requests_leave_no_request_in_progress(server: str) -> None:
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     port = int(server.rsplit(":", 1)[1])
+    closed_before = closed_by_client(server)
     clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
     try:
         for client in clients:
@@ -444,6 +441,8 @@ def test_abandoned_requests_leave_no_request_in_progress(server: str) -> None:
             break
         assert time.monotonic() < deadline, (busy, work_in_flight(server))
         time.sleep(0.5)
+    # Each is answered, to nobody, as ended by its client (499): counted, not pending.
+    assert closed_by_client(server) - closed_before == 3
 
 
 # ------------------------------------------------ worker restart, then SIGTERM (item 4)
