@@ -55,7 +55,13 @@ from serving.service_info import describe_service
 from serving.sessions import ModelListenerGate, SessionConfig, SessionHub, encode_clip
 from serving.settings import ServiceSettings
 from serving.shutdown import DrainOnShutdown, ShutdownDrain
-from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
+from serving.startup_checks import (
+    announce_when_ready,
+    refuse_emulation_in_bento,
+    refuse_tiny_on_gpu,
+    require_api_key,
+    running_from_bento,
+)
 from serving.worker_temp import use_private_temp_dir
 
 logger = logging.getLogger("riffusion.service")
@@ -109,7 +115,7 @@ class RiffusionModel:
 
     def __init__(self) -> None:
         # torch, diffusers and transformers: the model service only
-        from riffusion.engine import Engine, EngineConfig, default_postprocess
+        from riffusion.engine import Engine, EngineConfig
         from riffusion.listeners import ListenerAdmission
         from riffusion.pipeline import RiffusionPipeline
 
@@ -120,14 +126,22 @@ class RiffusionModel:
             source = str(self.checkpoint)  # the pinned snapshot (in the image, or downloaded)
         elif SETTINGS.is_store_model:
             source = self.checkpoint.path  # inside the Bento's own model store
-        self.pipeline = RiffusionPipeline.load(
-            source, device=SETTINGS.device, unet_backend=SETTINGS.unet_backend
-        )
+        self.pipeline: RiffusionPipeline
+        if SETTINGS.emulate:  # benchmarks only: the tiny model timed as a GPU
+            from riffusion.emulation import load_emulated
+
+            self.pipeline = load_emulated(
+                SETTINGS.emulate, source, SETTINGS.device, unet_backend=SETTINGS.unet_backend
+            )
+        else:
+            self.pipeline = RiffusionPipeline.load(
+                source, device=SETTINGS.device, unet_backend=SETTINGS.unet_backend
+            )
         refuse_tiny_on_gpu(self.pipeline.describe(), SETTINGS.allow_tiny_on_gpu)
         self.warm_up_s = self.pipeline.warm_up()  # before ready: the first request pays nothing
         config = EngineConfig(
             max_batch_size=ENGINE_BATCH_SIZE,
-            postprocess=SETTINGS.postprocess or default_postprocess(self.pipeline.device),
+            postprocess=SETTINGS.postprocess or self.pipeline.policy.postprocess,
             default_timeout_s=SETTINGS.request_timeout_s,
         )
         self.engine = Engine(self.pipeline, config, EngineMetrics(self.pipeline.unet_forward))
@@ -445,6 +459,7 @@ _api_service = cast("bentoml.Service[Riffusion]", Riffusion)
 
 
 require_api_key(SETTINGS.auth, SETTINGS.api_key)  # before serving anything: no open access
+refuse_emulation_in_bento(SETTINGS.emulate, SETTINGS.allow_emulation, running_from_bento(__file__))
 http.install(
     _api_service,
     cors_origins=SETTINGS.cors_origins,

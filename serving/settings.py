@@ -36,6 +36,11 @@ class ServiceSettings(BaseSettings):
     # unless asked for: the model service refuses to start otherwise.
     allow_tiny_on_gpu: bool = False
     unet_backend: UNetBackend = "eager"
+    # Benchmarks only: the model service's compute takes an A10G's or H100's time, or none
+    # ("zero"), with the tiny model (riffusion/emulation.py). Refused in a Bento unless
+    # RIFFUSION_ALLOW_EMULATION=1.
+    emulate: Literal["a10g", "h100", "zero"] | None = None
+    allow_emulation: bool = False
     device: str | None = None
     batching: BatchingMode = "continuous"
     max_batch_size: int = Field(default=8, ge=1)

@@ -7,6 +7,10 @@
   built with ``RIFFUSION_MODEL=tiny`` reached a GPU pod without its model setting;
   the model service refuses to start (so never reports ready) unless
   ``RIFFUSION_ALLOW_TINY_ON_GPU=1`` asks for it.
+- ``refuse_emulation_in_bento``: an emulated accelerator (``RIFFUSION_EMULATE``, for
+  benchmarks) serves noise from the tiny model at a GPU's pace; in a Bento (a built
+  or containerized deployment) the server stops before it listens unless
+  ``RIFFUSION_ALLOW_EMULATION=1`` asks for it.
 
 And the line that says the server is ready (``announce_when_ready``).
 """
@@ -19,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -53,6 +58,21 @@ def refuse_tiny_on_gpu(description: dict[str, Any], allowed: bool) -> None:
             f"the tiny test model (noise, not music) was loaded on {device}: set "
             "RIFFUSION_MODEL to the checkpoint this GPU should serve, or "
             "RIFFUSION_ALLOW_TINY_ON_GPU=1 to serve the tiny model on purpose"
+        )
+
+
+def running_from_bento(service_file: str | Path) -> bool:
+    """True when ``service_file`` (service.py) is served from a built Bento: a Bento keeps
+    its sources in ``src/`` beside its ``bento.yaml``, in the store and in the image alike."""
+    return (Path(service_file).resolve().parent.parent / "bento.yaml").is_file()
+
+
+def refuse_emulation_in_bento(emulate: str | None, allowed: bool, in_bento: bool) -> None:
+    if emulate and in_bento and not allowed:
+        raise StartupRefused(
+            f"RIFFUSION_EMULATE={emulate} in a Bento: an emulated accelerator is for "
+            "benchmarks (the tiny model, timed as a GPU), never for serving; unset "
+            "RIFFUSION_EMULATE, or set RIFFUSION_ALLOW_EMULATION=1 to run it on purpose"
         )
 
 
