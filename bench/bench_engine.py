@@ -239,6 +239,12 @@ def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
 )
 @click.option("--abandon-after-s", type=float, default=3.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--emulate",
+    type=click.Choice(["a10g", "h100", "zero"]),
+    default=None,
+    help="RIFFUSION_EMULATE: the model's compute timed as this GPU (docs/benchmarks.md).",
+)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option(
     "--url",
@@ -261,6 +267,7 @@ def main(
     abandon_clips: int,
     abandon_after_s: float,
     seed: int,
+    emulate: str | None,
     output: Path | None,
     given_urls: tuple[str, ...],
 ) -> None:
@@ -278,6 +285,8 @@ def main(
             if mode in urls:
                 continue
             batching, extra_env = parse_mode(mode)
+            if emulate:
+                extra_env["RIFFUSION_EMULATE"] = emulate
             console.print(f"serving [bold]{mode}[/] (RIFFUSION_BATCHING={batching} {extra_env})")
             urls[mode] = servers.enter_context(
                 serve(model, max_batch_size, batching, extra_env=extra_env)
@@ -355,6 +364,7 @@ def main(
         "load_average_at_end": load_average,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "model": model,
+        "emulated": emulate,
         "steps": steps,
         "max_batch_size": max_batch_size,
         "capacity_clips_per_s": capacity,

@@ -20,6 +20,7 @@ Three scenarios, each on its own fresh server (tiny model, the project's seed im
 from __future__ import annotations
 
 import json
+import os
 import platform
 import threading
 import time
@@ -182,6 +183,12 @@ def _table(title: str, results: list[ListenerResult]) -> None:
 @click.option("--mixed-sessions", default=2, show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), default=None)
 @click.option("--scenarios", default="ramp,mixed,steer", show_default=True)
+@click.option(
+    "--emulate",
+    type=click.Choice(["a10g", "h100", "zero"]),
+    default=None,
+    help="RIFFUSION_EMULATE: the model's compute timed as this GPU (docs/benchmarks.md).",
+)
 def main(
     model: str,
     steps: int,
@@ -191,21 +198,24 @@ def main(
     mixed_sessions: int,
     output: Path | None,
     scenarios: str,
+    emulate: str | None,
 ) -> None:
     """Sessions: ramp with admission, mixed traffic, prompt change latency."""
     chosen = {name.strip() for name in scenarios.split(",")}
+    env = {"RIFFUSION_EMULATE": emulate} if emulate else {}
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
         "model": model,
+        "emulated": emulate,
         "steps": steps,
     }
     if "ramp" in chosen:
-        with serve(model, 8, "continuous") as url:
+        with serve(model, 8, "continuous", extra_env=env) as url:
             results = _run_listeners(url, listeners, ramp_every, steps, seconds)
         _table(f"ramp: a listener every {ramp_every:.0f} s, {seconds:.0f} s", results)
         report["ramp"] = [asdict(r) for r in results]
     if "mixed" in chosen:
-        with serve(model, 8, "continuous") as url:
+        with serve(model, 8, "continuous", extra_env=env) as url:
             stop, traffic = threading.Event(), dict[str, Any]()
             thread = threading.Thread(target=_per_request_traffic, args=(url, steps, stop, traffic))
             thread.start()
@@ -220,9 +230,11 @@ def main(
         console.print(f"per-request traffic: {traffic}")
         report["mixed"] = {"sessions": [asdict(r) for r in results], "per_request": traffic}
     if "steer" in chosen:
-        with serve(model, 8, "continuous") as url:
+        with serve(model, 8, "continuous", extra_env=env) as url:
             report["steer"] = _steer(url, steps)
         console.print(f"steer: {report['steer']}")
+    report["load_average_at_end"] = os.getloadavg()
+    console.print(f"load average at the end (1, 5, 15 min): {report['load_average_at_end']}")
     if output is not None:
         output.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {output}")

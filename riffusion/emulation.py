@@ -6,7 +6,8 @@ post-processing thread, the services, HTTP, MP3/JPEG encoding) except the model
 compute's duration, which follows a cost model of SD 1.5 at 512 px in fp16 on that GPU
 (the figures and their sources: docs/benchmarks.md, "Emulated accelerator"):
 
-1. each accelerated call (UNet forward, VAE decode, Griffin-Lim) reserves its profile's
+1. each accelerated call (UNet forward, seed-image VAE encode, VAE decode, Griffin-Lim)
+   reserves its profile's
    time on ONE device timeline, first come first served: PyTorch's default CUDA stream
    runs the engine thread's steps and the post-processing thread's decodes one after
    the other, so a decode delays the next step as it would on the GPU;
@@ -36,10 +37,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import PIL.Image
 import torch
 from torch import Tensor
 
 from riffusion.device_policy import GPU_POLICY
+from riffusion.latents import LATENT_CHANNELS
 from riffusion.models import RiffusionComponents, load_components
 from riffusion.pipeline import RiffusionPipeline
 from riffusion.seed_images import SeedImageLibrary
@@ -70,6 +73,7 @@ class AcceleratorProfile:
 
     name: EmulatedAccelerator
     unet_step: Cost  # per UNet sample, 64 x 64 latents
+    vae_encode: Cost  # per seed image, 512 x 512 px (at admission, on the engine thread)
     vae_decode: Cost  # per image, 512 x 512 px
     griffin_lim: Cost  # per clip, 512 frames, 32 iterations
     runs_model: bool = False  # True: the tiny model's real UNet, VAE and Griffin-Lim run too
@@ -83,6 +87,7 @@ class AcceleratorProfile:
                 f"{stage}_ms": {"fixed": cost.fixed_s * 1e3, "per_item": cost.per_item_s * 1e3}
                 for stage, cost in (
                     ("unet_step", self.unet_step),
+                    ("vae_encode", self.vae_encode),
                     ("vae_decode", self.vae_decode),
                     ("griffin_lim", self.griffin_lim),
                 )
@@ -93,19 +98,22 @@ class AcceleratorProfile:
 
 # A10G: the UNet line fitted to the A10's 50-step fp16 runs at batch 4 and 16 (diffusers'
 # torch 2.0 benchmark, SDPA); VAE decode: A100's full-minus-tiny VAE time, scaled by the
-# A10/A100 UNet ratio; Griffin-Lim: an assumption from memory bandwidth.
+# A10/A100 UNet ratio; VAE encode: half the decode (an assumption: the encoder is the
+# smaller half of the VAE); Griffin-Lim: an assumption from memory bandwidth.
 # H100: fixed part from ONNX Runtime's 50-step H100 run, per-sample half the A100's (H100
 # at 2x an A100, the low end of the published 2-3x); VAE decode half the A100's.
 PROFILES: dict[str, AcceleratorProfile] = {
     "a10g": AcceleratorProfile(
         name="a10g",
         unet_step=Cost(fixed_s=0.0115, per_item_s=0.0236),
+        vae_encode=Cost(fixed_s=0.002, per_item_s=0.054),
         vae_decode=Cost(fixed_s=0.002, per_item_s=0.108),
         griffin_lim=Cost(fixed_s=0.002, per_item_s=0.030),
     ),
     "h100": AcceleratorProfile(
         name="h100",
         unet_step=Cost(fixed_s=0.0034, per_item_s=0.00403),
+        vae_encode=Cost(fixed_s=0.001, per_item_s=0.00925),
         vae_decode=Cost(fixed_s=0.001, per_item_s=0.0185),
         griffin_lim=Cost(fixed_s=0.001, per_item_s=0.006),
     ),
@@ -113,6 +121,7 @@ PROFILES: dict[str, AcceleratorProfile] = {
     "zero": AcceleratorProfile(
         name="zero",
         unet_step=Cost(0.0, 0.0),
+        vae_encode=Cost(0.0, 0.0),
         vae_decode=Cost(0.0, 0.0),
         griffin_lim=Cost(0.0, 0.0),
     ),
@@ -209,6 +218,23 @@ class EmulatedPipeline(RiffusionPipeline):
             "(a cost model, docs/benchmarks.md); for benchmarks only, never for serving",
             profile.name.upper(),
         )
+
+    def _seed_latents(self, key: str, image: PIL.Image.Image, seed: int) -> Tensor:
+        """(1, 4, h, w) seed-image latents (cached as the real ones), in the encode time."""
+        height, width = image.height // self.vae_scale_factor, image.width // self.vae_scale_factor
+
+        def encode() -> Tensor:
+            end = self.clock.reserve(
+                self.profile.vae_encode.seconds(1, height * width / REFERENCE_LATENT_AREA)
+            )
+            generator = torch.Generator("cpu").manual_seed(seed)
+            latents = torch.randn((1, LATENT_CHANNELS, height, width), generator=generator)
+            self.clock.wait_until(end)
+            return latents.to(self.device)
+
+        if self.profile.runs_model:
+            return super()._seed_latents(key, image, seed)
+        return self.seed_latent_cache.get_or_compute((key, seed), encode)
 
     def decode_pixels(self, latents: Tensor) -> Tensor:
         """(B, 4, h, w) latents -> uint8 (B, 3, H, W) pixels, in the profile's decode time."""

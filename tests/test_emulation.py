@@ -77,6 +77,18 @@ def test_decode_and_griffin_lim_take_the_profiles_time(h100: EmulatedPipeline) -
     assert len(waveforms) == 3
 
 
+def test_seed_image_encode_takes_the_profiles_time_once_per_seed(h100: EmulatedPipeline) -> None:
+    """Admission encodes the seed image (cached per image and seed, as the real one)."""
+    job = GenerationJob(start=PromptInput(prompt="bells", seed=11), seed_image_id="og_beat")
+    expected = h100.profile.vae_encode.seconds(1)
+    busy = h100.clock.stats()["busy_s"]
+    state = h100.prepare(job)
+    assert h100.clock.stats()["busy_s"] - busy == pytest.approx(expected)
+    assert state.init_latents is not None and state.init_latents.shape == (1, 4, 64, 64)
+    h100.prepare(job)  # same image and seed: from the cache, no device time
+    assert h100.clock.stats()["busy_s"] - busy == pytest.approx(expected)
+
+
 def test_calls_from_two_threads_share_one_device(h100: EmulatedPipeline) -> None:
     """A decode on the post-processing thread delays the engine's step: one timeline."""
     latents = torch.randn(8, 4, 64, 64)
