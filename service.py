@@ -15,7 +15,6 @@ diffusers or transformers; the model service imports them in its ``__init__``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -205,8 +204,7 @@ class RiffusionModel:
     @bentoml.api
     async def open_listener(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
         """Admit a real-time listener (clips like ``job``) if everyone stays in real time."""
-        decision = self.admission.open(listener_id, self.admission.demand(job))
-        return ListenerDecision(**dataclasses.asdict(decision))
+        return self.admission.open(listener_id, self.admission.demand(job))
 
     @bentoml.api
     async def close_listener(self, listener_id: str) -> bool:
