@@ -13,7 +13,7 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,20 +48,16 @@ def _serve(tmp_path: Path, grace_s: float) -> LocalServer:
 
 
 @pytest.fixture
-def short_grace(tmp_path: Path) -> Iterator[LocalServer]:
-    server = _serve(tmp_path, SHORT_GRACE_S)
-    try:
-        yield server
-    finally:
-        server.stop()
+def serve_with_grace(tmp_path: Path) -> Iterator[Callable[[float], LocalServer]]:
+    """Starts an instance with the given shutdown grace; stops it after the test."""
+    started: list[LocalServer] = []
 
+    def start(grace_s: float) -> LocalServer:
+        started.append(_serve(tmp_path, grace_s))
+        return started[-1]
 
-@pytest.fixture
-def long_grace(tmp_path: Path) -> Iterator[LocalServer]:
-    server = _serve(tmp_path, LONG_GRACE_S)
-    try:
-        yield server
-    finally:
+    yield start
+    for server in started:
         server.stop()
 
 
@@ -85,8 +81,10 @@ def _wait_exit(server: LocalServer, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
-def test_clips_in_flight_are_answered_before_the_grace_ends(short_grace: LocalServer) -> None:
-    server = short_grace
+def test_clips_in_flight_are_answered_before_the_grace_ends(
+    serve_with_grace: Callable[[float], LocalServer],
+) -> None:
+    server = serve_with_grace(SHORT_GRACE_S)
     server.wait_logged("Riffusion ready: model")
 
     def call(seed: int) -> tuple[httpx.Response, float]:
@@ -129,12 +127,12 @@ def _access_lines(server: LocalServer, path: str, status: int) -> list[str]:
 
 
 def test_clips_whose_clients_leave_during_the_shutdown_are_dropped(
-    long_grace: LocalServer,
+    serve_with_grace: Callable[[float], LocalServer],
 ) -> None:
     """Clients that hang up after SIGTERM: their clips are dropped (the model service's
     calls end 499, "client closed request", not 200 or the grace's 503) and the server
     exits without waiting for the grace, which is longer than the clips."""
-    server = long_grace
+    server = serve_with_grace(LONG_GRACE_S)
     body = json.dumps({**LONG_CLIP, "duration_s": 20.48}).encode()
     request = (
         "POST /text_to_audio HTTP/1.1\r\nHost: 127.0.0.1\r\n"
