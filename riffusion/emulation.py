@@ -1,16 +1,17 @@
 """An emulated accelerator: the real engine and pipeline, with an A10G's or H100's timing.
 
 For benchmarks only (``RIFFUSION_EMULATE``; never the default, refused in a Bento unless
-allowed). Everything runs for real (the tiny model's computation, the engine and its
-post-processing thread, the services, HTTP, MP3/JPEG encoding) except the model
-compute's duration, which follows a cost model of SD 1.5 at 512 px in fp16 on that GPU
-(the figures and their sources: docs/benchmarks.md, "Emulated accelerator"):
+allowed). Everything but the accelerated calls runs for real (the tiny model's text
+encoder, the schedulers, the engine and its post-processing thread, the services,
+HTTP, MP3/JPEG encoding); those calls take the time a cost model of SD 1.5 at 512 px
+in fp16 on that GPU gives (figures and sources: docs/benchmarks.md, "Emulated
+accelerator"):
 
 1. each accelerated call (UNet forward, seed-image VAE encode, VAE decode, Griffin-Lim)
-   reserves its profile's
-   time on ONE device timeline, first come first served: PyTorch's default CUDA stream
-   runs the engine thread's steps and the post-processing thread's decodes one after
-   the other, so a decode delays the next step as it would on the GPU;
+   reserves its profile's time on ONE device timeline, first come first served:
+   PyTorch's default CUDA stream runs the engine thread's steps and the
+   post-processing thread's decodes one after the other, so a decode delays the next
+   step as it would on the GPU;
 2. the call computes outputs of the right shape and dtype (zeros from the UNet, random
    pixels, quiet noise: the JPEG and MP3 encoders downstream do their usual work), then
    sleeps until its reserved time ends. It does not run the tiny model's UNet, VAE or
