@@ -84,3 +84,6 @@ class EngineObserver:
 
     def on_deadline_miss(self, late_s: float) -> None:
         """A job was answered ``late_s`` after its deadline."""
+
+    def on_parked(self, jobs: int) -> None:
+        """``jobs`` running jobs sat out a step so that jobs due sooner stay on time."""
