@@ -394,6 +394,8 @@ class Engine:
 
     def _plan(self) -> list[EngineJob]:
         """The running jobs that take the next step (the others are parked for it)."""
+        if not self.config.step_priority:
+            return list(self._running)
         inline = self.config.postprocess == "inline"
         plan = plan_step(self._running, time.monotonic(), self.step_times, inline)
         if plan.parked:
