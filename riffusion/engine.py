@@ -57,7 +57,7 @@ from riffusion.contracts import (
     PostProcessMode,
 )
 from riffusion.device_policy import device_policy
-from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
+from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_groups
 from riffusion.schemas import GenerationJob
 from riffusion.step_plan import plan_step
 
@@ -408,7 +408,7 @@ class Engine:
         batch_size = len(stepping)
         work = sum(e.work for e in stepping)
         by_state = {id(e.prepared): e for e in stepping}
-        for group in group_by([e.prepared for e in stepping], step_key).values():
+        for group in step_groups([e.prepared for e in stepping]):
             self._step_group(group, by_state)
         seconds = time.monotonic() - began
         self.step_times.observe(work, seconds)
