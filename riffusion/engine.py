@@ -13,7 +13,7 @@ the pipeline on its device and repeats, at every step boundary:
    post-processing times (on a CPU a step costs about in proportion to its jobs; on a
    GPU about the same whatever its size, so nothing is parked there). A parked job keeps
    its state and slot, and steps again as soon as the jobs due sooner are safe, or when
-   waiting longer would make it miss its own deadline;
+   waiting longer would make it miss its own deadline (``step_priority=False``: all step);
 4. run ONE denoising step for the jobs planned: one UNet forward per group of jobs
    that share a latent shape and text length, each job at its own timestep;
 5. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
