@@ -531,26 +531,24 @@ class WorkPacedPipeline(RiffusionPipeline):
         time.sleep(max(0.0, cost_s - (time.perf_counter() - began)))
 
 
-@pytest.fixture(scope="module")
-def cpu_like(library: SeedImageLibrary) -> WorkPacedPipeline:
+def work_paced(library: SeedImageLibrary, per_job_s: float, flat_s: float) -> WorkPacedPipeline:
     pipeline = WorkPacedPipeline(
         build_tiny_components(device="cpu"),
         seed_images=library,
         spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
     )
-    pipeline.per_job_s = PER_JOB_S
+    pipeline.per_job_s, pipeline.flat_s = per_job_s, flat_s
     return pipeline
+
+
+@pytest.fixture(scope="module")
+def cpu_like(library: SeedImageLibrary) -> WorkPacedPipeline:
+    return work_paced(library, per_job_s=PER_JOB_S, flat_s=0.0)
 
 
 @pytest.fixture(scope="module")
 def gpu_like(library: SeedImageLibrary) -> WorkPacedPipeline:
-    pipeline = WorkPacedPipeline(
-        build_tiny_components(device="cpu"),
-        seed_images=library,
-        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
-    )
-    pipeline.flat_s = FLAT_S
-    return pipeline
+    return work_paced(library, per_job_s=0.0, flat_s=FLAT_S)
 
 
 def listener_beside_requests(
