@@ -8,11 +8,17 @@ real tensor sizes), 50 steps, all submitted at once; the time between consecutiv
 steps is read from the engine's observer, the first two steps and the last are
 left out, and the median is reported.
 
+Each batch size is measured with the scheduler steps batched (jobs sharing a
+scheduler kind stepped together, the default) and per job (each job's own
+``scheduler.step``, the reference path), alternating in one process, ``--rounds``
+times each; the median of the rounds is reported per path, with their ratio.
+
     uv run --frozen --all-extras python -m bench.bench_engine_overhead
 
-Prints, per batch: step interval, overhead (interval - sleep) in ms and as a share
-of the sleep, and the fit overhead = a + b x jobs. Timings on a loaded machine are
-noisy; the ratios within one run are what to compare.
+Prints, per batch and path: step interval, overhead (interval - sleep) in ms and as a
+share of the sleep; per batch the per-job/batched overhead ratio; per path the fit
+overhead = a + b x jobs. Timings on a loaded machine are noisy; the ratios within one
+run are what to compare.
 """
 
 from __future__ import annotations
@@ -80,35 +86,54 @@ def measure(pipeline: RiffusionPipeline, jobs: int, steps: int) -> float:
     return statistics.median(intervals[2:-1] or intervals)
 
 
+PATHS = {"per-job": False, "batched": True}  # path -> pipeline.batched_scheduler_steps
+
+
 @click.command()
 @click.option("--batches", default="1,4,8,16", show_default=True)
 @click.option("--steps", type=click.IntRange(5, 150), default=50, show_default=True)
 @click.option("--unet-ms", type=float, default=20.0, show_default=True)
-def main(batches: str, steps: int, unet_ms: float) -> None:
-    """Overhead per step beyond the UNet, per batch size."""
+@click.option("--rounds", type=click.IntRange(1, 10), default=2, show_default=True)
+@click.option("--paths", default="per-job,batched", show_default=True, help="of: per-job, batched")
+def main(batches: str, steps: int, unet_ms: float, rounds: int, paths: str) -> None:
+    """Overhead per step beyond the UNet, per batch size and scheduler-stepping path."""
     torch.set_num_threads(1)  # the engine's own work is what is measured, not BLAS threads
     pipeline = RiffusionPipeline(
         build_tiny_components(device="cpu"),
         spectrogram_params=SpectrogramParams(num_griffin_lim_iters=1),
     )
     pipeline.unet_forward = SleepingUNet(unet_ms / 1000)
-    rows = []
+    path_names = [name.strip() for name in paths.split(",")]
+    fits: dict[str, list[tuple[int, float]]] = {name: [] for name in path_names}
     for jobs in (int(b) for b in batches.split(",")):
-        interval = measure(pipeline, jobs, steps)
-        overhead_ms = interval * 1000 - unet_ms
-        row = {
-            "jobs": jobs,
-            "step_ms": round(interval * 1000, 2),
-            "overhead_ms": round(overhead_ms, 2),
-            "overhead_pct_of_unet": round(100 * overhead_ms / unet_ms, 1),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if len(rows) >= 2:
-        first, last = rows[0], rows[-1]
-        per_job = (last["overhead_ms"] - first["overhead_ms"]) / (last["jobs"] - first["jobs"])
-        fixed = first["overhead_ms"] - per_job * first["jobs"]
-        print(json.dumps({"fit": f"{fixed:.2f} ms + {per_job:.3f} ms x jobs"}))
+        intervals: dict[str, list[float]] = {name: [] for name in path_names}
+        for _ in range(rounds):  # the paths alternate, so load drifts hit both alike
+            for name in path_names:
+                pipeline.batched_scheduler_steps = PATHS[name]
+                intervals[name].append(measure(pipeline, jobs, steps))
+        overheads: dict[str, float] = {}
+        for name in path_names:
+            interval = statistics.median(intervals[name])
+            overheads[name] = interval * 1000 - unet_ms
+            fits[name].append((jobs, overheads[name]))
+            row = {
+                "jobs": jobs,
+                "path": name,
+                "step_ms": round(interval * 1000, 2),
+                "overhead_ms": round(overheads[name], 2),
+                "overhead_pct_of_unet": round(100 * overheads[name] / unet_ms, 1),
+                "rounds_ms": [round(i * 1000 - unet_ms, 2) for i in intervals[name]],
+            }
+            print(json.dumps(row), flush=True)
+        if len(overheads) == 2 and overheads.get("batched", 0) > 0:
+            ratio = overheads["per-job"] / overheads["batched"]
+            print(json.dumps({"jobs": jobs, "overhead_per_job_over_batched": round(ratio, 2)}))
+    for name, points in fits.items():
+        if len(points) >= 2:
+            (first_jobs, first), (last_jobs, last) = points[0], points[-1]
+            per_job = (last - first) / (last_jobs - first_jobs)
+            fixed = first - per_job * first_jobs
+            print(json.dumps({"path": name, "fit": f"{fixed:.2f} ms + {per_job:.3f} ms x jobs"}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ own ``step`` once for the group:
    of the step is computed, so a failed step leaves every job as it was.
 
 Each element of a job's latents goes through the same float operations, on the same
-float32 operands, as in ``scheduler.step`` for the job alone: on a CPU its result is
+float32 operands, as in ``scheduler.step`` for the job alone (where a formula is
+written with in-place operations on temporaries, to spare the CPU fresh buffers, it
+is the same operations in the same order; multiplications and additions swapped
+operands at most, which IEEE arithmetic rounds alike): on a CPU its result is
 bit-identical (tests/test_batched_step.py). On CUDA, PyTorch divides a tensor by a CPU
 0-d tensor by multiplying with its reciprocal, so there the batched division may differ
 from the per-job one by an ulp; a job's result still never depends on its batch-mates.
@@ -134,7 +137,23 @@ def assemble(parts: dict[Hashable, tuple[list[int], Tensor]], n: int) -> Tensor:
 
 
 def stacked(tensors: Sequence[Tensor]) -> Tensor:
-    """(1, ...) tensors -> (n, ...)."""
+    """(1, ...) tensors -> (n, ...): a view, without a copy, when they are consecutive rows
+    of one tensor (what a batch's jobs keep of its last step while the batch stays the
+    same), else a copy. Callers never write into the result."""
+    first = tensors[0]
+    row = first.numel()
+    if first.is_contiguous() and first.shape[0] == 1:
+        storage = first.untyped_storage().data_ptr()
+        start, row_bytes = first.data_ptr(), row * first.element_size()
+        if all(
+            tensor.untyped_storage().data_ptr() == storage
+            and tensor.data_ptr() == start + index * row_bytes
+            and tensor.shape == first.shape
+            and tensor.is_contiguous()
+            for index, tensor in enumerate(tensors)
+        ):
+            shape = (len(tensors), *first.shape[1:])
+            return first.as_strided(shape, (row, *first.stride()[1:]), first.storage_offset())
     return torch.cat(list(tensors))
 
 
@@ -217,16 +236,20 @@ class PLMSStepper(_AlphasCumprodNoise):
             elif phase == 3:
                 e2, e3 = (stacked([history[-k] for history in ets]) for k in (1, 2))
                 values = (23 * e1 - 16 * e2 + 5 * e3) / 12
-            else:
+            else:  # (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4), in two buffers
                 e2, e3, e4 = (stacked([history[-k] for history in ets]) for k in (1, 2, 3))
-                values = (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4)
+                values, term = 55 * e1, 59 * e2
+                values.sub_(term).add_(torch.mul(e3, 37, out=term))
+                values.sub_(torch.mul(e4, 9, out=term)).mul_(1 / 24)
             combined[phase] = (rows, values)
         combined_output = assemble(combined, n)
 
         sample_coeff, alpha_diff, denom = per_sample(
             [self._prev_sample_coefficients(job) for job in jobs], latents
         )
-        prev_sample = sample_coeff * sample - alpha_diff * combined_output / denom
+        # sample_coeff * sample - alpha_diff * combined_output / denom (the same ops, in place)
+        prev_sample = sample_coeff * sample
+        prev_sample.sub_((alpha_diff * combined_output).div_(denom))
 
         def advance() -> None:
             for job, output, job_sample in zip(
@@ -367,10 +390,13 @@ class EulerStepper(_EulerNoise):
     ) -> tuple[Tensor, Callable[[], None]]:
         sigma_hat, dt = per_sample([self._coefficients_for(job) for job in jobs], latents)
         sample = latents.to(torch.float32)
-        pred_original_sample = sample - sigma_hat * model_output
-        derivative = (sample - pred_original_sample) / sigma_hat
-        prev_sample = sample + derivative * dt
-        return prev_sample.to(model_output.dtype), self.advancing(jobs)
+        # pred_original_sample = sample - sigma_hat * model_output
+        # derivative = (sample - pred_original_sample) / sigma_hat
+        # prev_sample = sample + derivative * dt, in one buffer:
+        values = sigma_hat * model_output
+        values = torch.sub(sample, values, out=values)  # pred_original_sample
+        torch.sub(sample, values, out=values).div_(sigma_hat).mul_(dt).add_(sample)
+        return values.to(model_output.dtype), self.advancing(jobs)
 
 
 class EulerAncestralStepper(_EulerNoise):
@@ -398,11 +424,14 @@ class EulerAncestralStepper(_EulerNoise):
     ) -> tuple[Tensor, Callable[[], None]]:
         sigma, dt, sigma_up = per_sample([self._coefficients_for(job) for job in jobs], latents)
         sample = latents.to(torch.float32)
-        pred_original_sample = sample - sigma * model_output
-        derivative = (sample - pred_original_sample) / sigma
-        prev_sample = sample + derivative * dt
+        # pred_original_sample = sample - sigma * model_output
+        # derivative = (sample - pred_original_sample) / sigma
+        # prev_sample = sample + derivative * dt, in one buffer:
+        prev_sample = sigma * model_output
+        prev_sample = torch.sub(sample, prev_sample, out=prev_sample)  # pred_original_sample
+        torch.sub(sample, prev_sample, out=prev_sample).div_(sigma).mul_(dt).add_(sample)
         shape = (1, *model_output.shape[1:])
-        noise = stacked(
+        noise = torch.cat(  # each job's draw from its own generator
             [
                 randn_tensor(
                     shape,
@@ -413,7 +442,7 @@ class EulerAncestralStepper(_EulerNoise):
                 for job in jobs
             ]
         )
-        prev_sample = prev_sample + noise * sigma_up
+        prev_sample.add_(noise.mul_(sigma_up))  # prev_sample + noise * sigma_up
         return prev_sample.to(model_output.dtype), self.advancing(jobs)
 
 
@@ -502,7 +531,9 @@ class DPMSolverStepper(_SigmaStepper):
         sigma_i, alpha_i, sample_coeff, d0_coeff, d1_coeff, inv_r0 = per_sample(
             rows_coefficients, latents
         )
-        x0_pred = (latents - sigma_i * model_output) / alpha_i  # convert_model_output
+        # convert_model_output: (sample - sigma_t * model_output) / alpha_t, in one buffer
+        x0_pred = sigma_i * model_output
+        torch.sub(latents, x0_pred, out=x0_pred).div_(alpha_i)
         sample = latents.to(torch.float32)
 
         parts: dict[Hashable, tuple[list[int], Tensor]] = {}
@@ -511,15 +542,12 @@ class DPMSolverStepper(_SigmaStepper):
             def pick(tensor: Tensor, rows: list[int] = rows) -> Tensor:
                 return tensor if len(rows) == n else tensor[rows]
 
-            if first_order:
-                values = pick(sample_coeff) * pick(sample) - pick(d0_coeff) * pick(x0_pred)
-            else:
-                m0 = pick(x0_pred)
+            m0 = pick(x0_pred)
+            values = pick(sample_coeff) * pick(sample)
+            values.sub_(pick(d0_coeff) * m0)  # first order: done
+            if not first_order:  # D1 = (1.0 / r0) * (m0 - m1); values - 0.5 (...) * D1
                 m1 = stacked([jobs[row].scheduler.model_outputs[-1] for row in rows])
-                d1 = pick(inv_r0) * (m0 - m1)
-                values = (
-                    pick(sample_coeff) * pick(sample) - pick(d0_coeff) * m0 - pick(d1_coeff) * d1
-                )
+                values.sub_((m0 - m1).mul_(pick(inv_r0)).mul_(pick(d1_coeff)))
             parts[first_order] = (rows, values)
         prev_sample = assemble(parts, n)
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
-from riffusion.batched_step import BatchedStepper, StepJob
+from riffusion.batched_step import BatchedStepper, StepJob, stacked
 from riffusion.contracts import InvalidJobError
 from riffusion.device_policy import device_policy
 from riffusion.heap import release_freed_memory
@@ -373,7 +373,7 @@ class RiffusionPipeline:
         ``_step_alone``.
         """
         groups = self._stepping_groups(batch)
-        latents = torch.cat([s.latents for s in batch])  # (B, 4, h, w)
+        latents = stacked([s.latents for s in batch])  # (B, 4, h, w); read, never written
         latent_model_input = self._scale_model_input(batch, groups, latents)  # (B, 4, h, w)
         latent_model_input = torch.cat([latent_model_input, latent_model_input])  # (2B, 4, h, w)
         timesteps = torch.tensor(
@@ -458,8 +458,9 @@ class RiffusionPipeline:
             raise
         advance()
         for state, state_latents in zip(states, stepped.split(1), strict=True):
-            state.latents = state_latents
             state.steps_done += 1
+            # A row of the group's tensor; a finished job's own copy, not the whole group's.
+            state.latents = state_latents.clone() if state.finished else state_latents
 
     def _step_tensors(
         self,
@@ -473,7 +474,8 @@ class RiffusionPipeline:
         """``_step_together``'s arithmetic: (n, 4, h, w) next latents, and ``advance``."""
         guidance = torch.tensor([s.guidance for s in states], dtype=noise_pred_text.dtype)
         guidance = guidance.to(self.device).reshape(-1, 1, 1, 1)  # (n, 1, 1, 1)
-        guided = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+        # uncond + guidance * (text - uncond), in place on the fresh difference (same ops).
+        guided = (noise_pred_text - noise_pred_uncond).mul_(guidance).add_(noise_pred_uncond)
         stepped, advance = stepper.step(jobs, guided, latents)  # (n, 4, h, w)
 
         masked = [
