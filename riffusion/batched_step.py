@@ -249,7 +249,11 @@ class PLMSStepper(_AlphasCumprodNoise):
         )
         # sample_coeff * sample - alpha_diff * combined_output / denom (the same ops, in place)
         prev_sample = sample_coeff * sample
-        prev_sample.sub_((alpha_diff * combined_output).div_(denom))
+        if combined_output is model_output:  # kept in the jobs' history: not to be written
+            combined_output = alpha_diff * combined_output
+        else:  # a temporary of this step
+            combined_output.mul_(alpha_diff)
+        prev_sample.sub_(combined_output.div_(denom))
 
         def advance() -> None:
             for job, output, job_sample in zip(
