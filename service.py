@@ -15,7 +15,6 @@ diffusers or transformers; the model service imports them in its ``__init__``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,11 +49,10 @@ from serving.errors import ApiError
 from serving.metrics import EngineMetrics, forget_dead_processes, publish_device_load
 from serving.model_calls import ModelCallError, ModelClient, run_in_engine
 from serving.openapi import document_api
-from serving.request_lifetime import RequestLifetime
 from serving.service_info import describe_service
 from serving.sessions import ModelListenerGate, SessionConfig, SessionHub, encode_clip
 from serving.settings import ServiceSettings
-from serving.shutdown import DrainOnShutdown, ShutdownDrain
+from serving.shutdown import ShutdownDrain
 from serving.startup_checks import announce_when_ready, refuse_tiny_on_gpu, require_api_key
 from serving.worker_temp import use_private_temp_dir
 
@@ -206,8 +204,7 @@ class RiffusionModel:
     @bentoml.api
     async def open_listener(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
         """Admit a real-time listener (clips like ``job``) if everyone stays in real time."""
-        decision = self.admission.open(listener_id, self.admission.demand(job))
-        return ListenerDecision(**dataclasses.asdict(decision))
+        return self.admission.open(listener_id, self.admission.demand(job))
 
     @bentoml.api
     async def close_listener(self, listener_id: str) -> bool:
@@ -455,14 +452,15 @@ http.install(
     max_connections=SETTINGS.max_connections,
     model_ready=answers.model_ready,
     request_timeout_s=SETTINGS.request_timeout_s,
+    drain=DRAIN,
     spec_hook=lambda spec: describe_service(
         document_api(spec), bearer_auth=bool(SETTINGS.api_key), public_paths=http.PUBLIC_PATHS
     ),
 )
-# Answered 503 at the end of the shutdown grace; inside http.install's RequestLifetime.
-_api_service.add_asgi_middleware(DrainOnShutdown, drain=DRAIN)
 # The model service drops a clip as soon as its caller (the API service) hangs up, and
 # answers what is left at the end of the shutdown grace.
-_model_service = cast("bentoml.Service[RiffusionModel]", RiffusionModel)
-_model_service.add_asgi_middleware(RequestLifetime, default_timeout_s=SETTINGS.request_timeout_s)
-_model_service.add_asgi_middleware(DrainOnShutdown, drain=DRAIN)
+http.install_model_service(
+    cast("bentoml.Service[RiffusionModel]", RiffusionModel),
+    request_timeout_s=SETTINGS.request_timeout_s,
+    drain=DRAIN,
+)

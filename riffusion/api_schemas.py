@@ -423,5 +423,11 @@ class ListenerDecision(BaseModel):
     accepted: bool
     message: str
     retry_after_s: float | None = None
-    listeners: int = Field(description="Listeners admitted after this decision.")
-    load: float = Field(description="Predicted busy fraction of the device with the new one.")
+    listeners: int | None = Field(
+        default=None,
+        description="Listeners admitted after this decision (None: the model service not asked).",
+    )
+    load: float | None = Field(
+        default=None,
+        description="Predicted busy fraction of the device with the new one (None: not asked).",
+    )

@@ -50,7 +50,7 @@ from riffusion.contracts import (
     PostProcessMode,
 )
 from riffusion.device_policy import device_policy
-from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_key
+from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_groups
 from riffusion.schemas import GenerationJob
 
 __all__ = [
@@ -390,7 +390,7 @@ class Engine:
         batch_size = len(self._running)
         work = sum(e.work for e in self._running)
         by_state = {id(e.prepared): e for e in self._running}
-        for group in group_by([e.prepared for e in self._running], step_key).values():
+        for group in step_groups([e.prepared for e in self._running]):
             self._step_group(group, by_state)
         seconds = time.monotonic() - began
         self.step_times.observe(work, seconds)

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from riffusion.api_schemas import ListenerDecision
 from riffusion.engine import StepTimes
 from riffusion.schemas import DEFAULT_WIDTH, GenerationJob
 
@@ -51,15 +52,6 @@ def demand_of(job: GenerationJob, vae_scale_factor: int, step_ms: float = 10.0) 
     width = DEFAULT_WIDTH if job.is_img2img else job.width
     work = math.prod(job.latent_size(vae_scale_factor))
     return Demand(job.num_steps, work, width * step_ms / 1000)
-
-
-@dataclass(frozen=True)
-class Decision:
-    accepted: bool
-    listeners: int  # admitted after this decision
-    load: float  # predicted busy fraction of the device with the new listener
-    message: str
-    retry_after_s: float | None = None
 
 
 class ListenerAdmission:
@@ -101,14 +93,19 @@ class ListenerAdmission:
         """A listener (or a per-request client) asking for clips like ``job``."""
         return demand_of(job, self.vae_scale_factor)
 
-    def open(self, listener_id: str, demand: Demand) -> Decision:
+    def open(self, listener_id: str, demand: Demand) -> ListenerDecision:
         """Admit ``listener_id`` if every admitted listener, it included, stays in real time."""
         with self._lock:
             now = self.clock()
             self._forget_expired(now)
             if listener_id in self._listeners:
                 self._listeners[listener_id] = (demand, now + self.lease_s)
-                return Decision(True, len(self._listeners), self._load(now), "already admitted")
+                return ListenerDecision(
+                    accepted=True,
+                    listeners=len(self._listeners),
+                    load=self._load(now),
+                    message="already admitted",
+                )
             others = [d for d, _ in self._listeners.values()]
             load = self._load(now, [*others, demand])
             why = None
@@ -124,16 +121,18 @@ class ListenerAdmission:
                     f"(at most {self.utilization:.0%} keeps {len(others)} admitted in real time)"
                 )
             if why is not None:
-                return Decision(
-                    False,
-                    len(others),
-                    load,
-                    f"the service is full: {why}; retry in {RETRY_AFTER_S:.0f} s "
+                return ListenerDecision(
+                    accepted=False,
+                    listeners=len(others),
+                    load=load,
+                    message=f"the service is full: {why}; retry in {RETRY_AFTER_S:.0f} s "
                     "or connect to another replica",
-                    RETRY_AFTER_S,
+                    retry_after_s=RETRY_AFTER_S,
                 )
             self._listeners[listener_id] = (demand, now + self.lease_s)
-            return Decision(True, len(self._listeners), load, "admitted")
+            return ListenerDecision(
+                accepted=True, listeners=len(self._listeners), load=load, message="admitted"
+            )
 
     def renew(self, listener_id: str) -> bool:
         """Extend ``listener_id``'s lease (each clip it asks for); False if it is not admitted."""

@@ -9,11 +9,11 @@ spectrogram images and audio. The steps, in order:
    guidance and denoising lerped, noise slerped between the two seeds' noise,
    the seed image VAE-encoded, the mask reduced to the latent grid, and a
    scheduler of the job's own;
-3. denoise jobs of the same latent shape together (``denoise_step`` is one
-   iteration, which the real-time engine also drives): at every iteration each
-   running job adds its latents twice (unconditional, conditional) to ONE UNet
-   forward with a per-sample timestep, then steps its own scheduler, then
-   re-applies its mask; jobs with fewer steps drop out early;
+3. denoise: at every step the unfinished jobs go in batches of one latent shape
+   and text length (``step_groups``; the real-time engine drives the same step):
+   each job of a batch adds its latents twice (unconditional, conditional) to ONE
+   UNet forward with a per-sample timestep (``denoise_step``), then steps its own
+   scheduler, then re-applies its mask; jobs with fewer steps drop out early;
 4. ``finish``: decode the latents (on a GPU all of a shape in one VAE call; on
    a CPU one clip at a time, to bound memory), read the pixels as mel
    amplitudes and run Griffin-Lim with a generator per job;
@@ -340,26 +340,26 @@ class RiffusionPipeline:
     # --- 3. batched denoising --------------------------------------------------------------------
 
     def denoise(self, states: Sequence[JobState], progress: ProgressCallback | None = None) -> None:
-        """Run every job's denoising loop; jobs of one latent shape share each UNet forward."""
+        """Step every job to its end: the engine's step (``step_groups``) without its queue.
+
+        All jobs start together; at each step every unfinished job runs once, jobs of one
+        ``step_key`` in one UNet forward; jobs with fewer steps drop out early.
+        """
+        began = time.perf_counter()
         total = sum(state.num_steps for state in states)
         done = 0
-        for group in group_by(states, lambda state: state.latent_shape).values():
-            began = time.perf_counter()
-            running = [state for state in group if not state.finished]
-            for state in group:
+        running = list(states)
+        while True:
+            for state in running:
                 if state.finished:
-                    state.timings["denoise"] = 0.0
-            while running:
-                # Jobs whose prompts need different numbers of CLIP windows cannot share a forward.
-                for batch in group_by(running, lambda s: s.text_embeddings.shape[1]).values():
-                    self.denoise_step(batch)
-                    done += len(batch)
-                    if progress is not None:
-                        progress(done, total)
-                for state in running:
-                    if state.finished:
-                        state.timings["denoise"] = time.perf_counter() - began
-                running = [state for state in running if not state.finished]
+                    state.timings["denoise"] = time.perf_counter() - began
+            if not (running := [state for state in running if not state.finished]):
+                return
+            for batch in step_groups(running):
+                self.denoise_step(batch)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
 
     def denoise_step(self, batch: Sequence[JobState]) -> None:
         """One UNet forward for ``batch`` (B jobs, 2B samples), then every job's scheduler step.
@@ -647,6 +647,11 @@ def rows_of(tensor: Tensor, rows: list[int]) -> Tensor:
 def step_key(state: JobState) -> tuple[int, int, int]:
     """Jobs with equal keys can share a UNet forward: latent height, width and text length."""
     return (*state.latent_shape, int(state.text_embeddings.shape[1]))
+
+
+def step_groups(running: Sequence[JobState]) -> list[list[JobState]]:
+    """One step of the running jobs, as the batches that share a UNet forward."""
+    return list(group_by(running, step_key).values())
 
 
 def group_by(items: Sequence[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:

@@ -1,8 +1,9 @@
-"""The API service's outermost HTTP layer, in front of BentoML's own middleware.
+"""The services' HTTP layers around BentoML's own middleware; all installed here.
 
-``install(service, ...)`` puts one stack of ASGI middleware before BentoML's
-(metrics, tracing, concurrency limit, CORS), so that every answer it or BentoML
-gives is shaped the same way and cheap requests never reach the model:
+``install(service, ...)`` gives the API service two layers. The outer one goes
+before BentoML's (metrics, tracing, timeout, concurrency limit, CORS), so that
+every answer it or BentoML gives is shaped the same way and cheap requests never
+reach the model:
 
 1. CORS headers on every answer, errors included (preflights answered here);
 2. error shaping: BentoML's own error bodies (validation 400, 429, 504, 500) are
@@ -14,6 +15,17 @@ gives is shaped the same way and cheap requests never reach the model:
 6. content types: JSON routes take ``application/json``, uploads
    ``multipart/form-data``; anything else is 415;
 7. the body limit, counted as the bytes arrive (chunked bodies included).
+
+The inner one sits inside BentoML's, next to the endpoints, where cancelling a
+handler reaches the endpoint and its model calls:
+
+8. the request's lifetime (:mod:`serving.request_lifetime`): its deadline, and its
+   cancellation when the client leaves;
+9. the shutdown drain (:mod:`serving.shutdown`): requests still running when the
+   grace ends are answered 503.
+
+``install_model_service`` gives the model service the inner layer only (its caller
+is the API service).
 
 It also closes BentoML input paths a public server must not have: a file field
 sent as text is never fetched as a URL, a malformed multipart body is a 400, and
@@ -45,6 +57,7 @@ from serving.connection_limits import bound_connections
 from serving.errors import ApiError, error_response, shape_error_body
 from serving.metrics import ForgetDeadOnScrape
 from serving.request_lifetime import RequestLifetime
+from serving.shutdown import DrainOnShutdown, ShutdownDrain
 from serving.ui import is_ui_path
 
 if TYPE_CHECKING:
@@ -563,16 +576,18 @@ def install(
     liveness_grace_s: float,
     model_ready: Callable[[], Awaitable[bool]],
     request_timeout_s: float,
+    drain: ShutdownDrain,
     header_timeout_s: float = 10.0,
     max_connections: int = 512,
     spec_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> ModelProbe:
-    """Put this module's middleware in front of BentoML's for ``service`` (a bentoml.Service),
-    and answer the ``ApiError`` its endpoints raise.
+    """Put this module's two layers around BentoML's middleware for ``service`` (a
+    bentoml.Service), and answer the ``ApiError`` its endpoints raise.
 
     BentoML builds the app when a worker starts (after importing service.py): its
-    app factory is wrapped so that, for this service only, the stack goes first.
-    The CORS configuration and every middleware of the API service are here.
+    app factory is wrapped so that, for this service only, the outer stack goes first;
+    the inner one is the service's own middleware (``add_asgi_middleware``). The CORS
+    configuration and every middleware of the API service are here.
     """
     from _bentoml_impl.server.app import ServiceAppFactory
 
@@ -585,9 +600,7 @@ def install(
         service_logger.setLevel(logging.INFO)
     log_client_errors_in_one_line()
     bound_connections(header_timeout_s, max_connections)
-    # Inside BentoML's own middleware (as the service's middleware is), where cancelling
-    # the handler on a client disconnect reaches the endpoint and its model calls.
-    service.add_asgi_middleware(RequestLifetime, default_timeout_s=request_timeout_s)
+    install_model_service(service, request_timeout_s=request_timeout_s, drain=drain)
     probe = ModelProbe(model_ready, grace_s=liveness_grace_s)
     original_call = ServiceAppFactory.__call__
     if getattr(original_call, "_riffusion_wrapped", False):
@@ -689,3 +702,9 @@ class OpenAPIMiddleware:
         if self._spec is None:
             self._spec = json.dumps(self.hook(self.service.openapi_spec.asdict())).encode()
         await Response(self._spec, media_type="application/json")(scope, receive, send)
+
+
+def install_model_service(service: Any, *, request_timeout_s: float, drain: ShutdownDrain) -> None:
+    """The inner layer (8, 9) for ``service``: the model service's only middleware."""
+    service.add_asgi_middleware(RequestLifetime, default_timeout_s=request_timeout_s)
+    service.add_asgi_middleware(DrainOnShutdown, drain=drain)

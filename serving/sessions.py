@@ -35,14 +35,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from riffusion.api_schemas import ModelResult
+from riffusion.api_schemas import ListenerDecision, ModelResult
 from riffusion.jam import JamSettings, JamSteer, JamWalk
 from riffusion.playback import PlaybackClock
 from riffusion.schemas import GenerationJob
@@ -67,20 +67,13 @@ TRY_AGAIN_LATER = 1013  # full
 MAX_MESSAGE_CHARS = 16 * 1024
 
 
-@dataclass(frozen=True)
-class Admission:
-    accepted: bool
-    message: str
-    retry_after_s: float | None = None
-
-
 class ListenerGate(Protocol):
     """The model service as a session sees it."""
 
     def check(self, job: GenerationJob) -> None:
         """Raise ``ApiError`` (400, naming the field) for a job the service cannot take."""
 
-    async def open(self, listener_id: str, job: GenerationJob) -> Admission: ...
+    async def open(self, listener_id: str, job: GenerationJob) -> ListenerDecision: ...
 
     async def close(self, listener_id: str) -> None: ...
 
@@ -100,13 +93,16 @@ class ModelListenerGate:
     def check(self, job: GenerationJob) -> None:
         self.check_image_ids(job.seed_image_id, job.mask_image_id)
 
-    async def open(self, listener_id: str, job: GenerationJob) -> Admission:
+    async def open(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
         try:
-            decision = await self.client.open_listener(listener_id, job)
+            return await self.client.open_listener(listener_id, job)
         except Exception as error:  # not started, restarting: the listener may retry
             logger.warning("could not ask the model service for a listener's place: %r", error)
-            return Admission(False, "the model service is not answering; retry shortly", 5.0)
-        return Admission(decision.accepted, decision.message, decision.retry_after_s)
+            return ListenerDecision(
+                accepted=False,
+                message="the model service is not answering; retry shortly",
+                retry_after_s=5.0,
+            )
 
     async def close(self, listener_id: str) -> None:
         await self.client.close_listener(listener_id)
@@ -140,6 +136,10 @@ class SessionStart(JamSettings):
 
     type: str = "start"
     api_key: str | None = None
+
+    def settings(self) -> JamSettings:
+        """The jam's settings, validated with this message (not again)."""
+        return JamSettings.model_construct(**self.model_dump(include=set(JamSettings.model_fields)))
 
 
 class Played(BaseModel):
@@ -180,7 +180,7 @@ class SessionHub:
             return
         await websocket.accept()
         if self.draining.is_set():
-            await self._reconnect(websocket)
+            await self.reconnect(websocket)
             return
         try:
             start = await self._start(websocket)
@@ -221,7 +221,21 @@ class SessionHub:
             return None
         return start
 
-    async def _reconnect(self, websocket: WebSocket) -> None:
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """The current task is an admitted session until the block ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        SESSIONS_ACTIVE.inc()
+        try:
+            yield
+        finally:
+            SESSIONS_ACTIVE.dec()
+            self._sessions.discard(task)
+
+    async def reconnect(self, websocket: WebSocket) -> None:
+        """Tell a listener this server is going away, and close its socket (1012)."""
         with contextlib.suppress(Exception):
             await websocket.send_json(
                 {
@@ -303,8 +317,7 @@ class Session:
         self.hub = hub
         self.websocket = websocket
         self.id = uuid.uuid4().hex
-        settings = JamSettings.model_validate(start.model_dump(exclude={"type", "api_key"}))
-        self.walk = JamWalk(settings)
+        self.walk = JamWalk(start.settings())
         self.clock = PlaybackClock()
         self.wake = asyncio.Event()
         self.steers: list[tuple[float, int]] = []  # (received at, first clip it applies to)
@@ -331,29 +344,24 @@ class Session:
                 )
                 await self.websocket.close(TRY_AGAIN_LATER, "the service is full")
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self.hub._sessions.add(task)
-        SESSIONS_ACTIVE.inc()
-        reader = asyncio.create_task(self._read())
-        try:
-            await self.websocket.send_json(
-                {
-                    "type": "accepted",
-                    "session_id": self.id,
-                    "lookahead_s": config.lookahead_s,
-                    "message": decision.message,
-                }
-            )
-            await self._clips(first_job, reader)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            reader.cancel()
-            with contextlib.suppress(Exception):  # its place first, then the gauge
-                await self.hub.gate.close(self.id)
-            SESSIONS_ACTIVE.dec()
-            self.hub._sessions.discard(task)
+        with self.hub.admitted():
+            reader = asyncio.create_task(self._read())
+            try:
+                await self.websocket.send_json(
+                    {
+                        "type": "accepted",
+                        "session_id": self.id,
+                        "lookahead_s": config.lookahead_s,
+                        "message": decision.message,
+                    }
+                )
+                await self._clips(first_job, reader)
+            except WebSocketDisconnect:
+                pass
+            finally:
+                reader.cancel()
+                with contextlib.suppress(Exception):  # its place first, then the gauge
+                    await self.hub.gate.close(self.id)
 
     async def _clips(self, first_job: GenerationJob, reader: asyncio.Task[None]) -> None:
         """Steps 3 and 5: clips while the listener is here and the server is not draining."""
@@ -362,7 +370,7 @@ class Session:
         job: GenerationJob | None = first_job
         while not reader.done():  # done: the listener left, or said stop
             if self.hub.draining.is_set():
-                await self.hub._reconnect(self.websocket)
+                await self.hub.reconnect(self.websocket)
                 return
             now = time.monotonic()
             ahead = self.clock.ahead_s(now)

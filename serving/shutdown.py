@@ -6,11 +6,12 @@ bounds that wait to ``RIFFUSION_SHUTDOWN_GRACE_S``:
 
 1. SIGTERM (either worker; BentoML's supervisor forwards it to every process):
    the drain notes the time and hands the signal on to uvicorn.
-2. Requests in flight keep running. A clip whose client leaves is normally dropped
-   at once (``RequestLifetime``, installed on both services, cancels the handler
-   when its caller's connection closes: the API's client, or the API itself for
-   the model service); during a shutdown the API's cancel call can find the model
-   service's socket already closed, and the clip may then run to the grace's end.
+2. Requests in flight keep running. A clip whose client leaves, before or during
+   the grace, is dropped at once: ``RequestLifetime``, on both services, cancels
+   the handler when its caller's connection closes (the API's client, or the API
+   itself for the model service) and answers it 499. The API's explicit cancel
+   call finds the model service's socket closed during a shutdown; the closed
+   connection alone drops the clip there.
 3. When the grace ends, ``DrainOnShutdown`` cancels every request still running
    and answers it ``503`` with ``Retry-After`` (the client retries on another pod);
    the model service's cancelled clips leave the engine at its next step.

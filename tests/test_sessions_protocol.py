@@ -17,13 +17,13 @@ from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from riffusion.api_schemas import ListenerDecision
 from riffusion.schemas import GenerationJob
 from serving.errors import ApiError
 from serving.sessions import (
     POLICY_VIOLATION,
     SERVICE_RESTART,
     TRY_AGAIN_LATER,
-    Admission,
     SessionConfig,
     SessionHub,
 )
@@ -55,11 +55,13 @@ class FakeGate:
             if image_id is not None and image_id.startswith("unknown"):
                 raise ApiError(400, field, f"no such image: {image_id!r}")
 
-    async def open(self, listener_id: str, job: GenerationJob) -> Admission:
+    async def open(self, listener_id: str, job: GenerationJob) -> ListenerDecision:
         if len(self.open_ids) >= self.capacity:
-            return Admission(False, "the service is full; retry in 30 s", 30.0)
+            return ListenerDecision(
+                accepted=False, message="the service is full; retry in 30 s", retry_after_s=30.0
+            )
         self.open_ids.add(listener_id)
-        return Admission(True, "admitted")
+        return ListenerDecision(accepted=True, message="admitted")
 
     async def close(self, listener_id: str) -> None:
         self.open_ids.discard(listener_id)

@@ -9,9 +9,11 @@ dedicated one.
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +30,9 @@ from tests.test_deploy import EXIT_MARGIN_S
 LONG_CLIP = {"prompt": "slow piano", "num_inference_steps": 150, "duration_s": 5.12}
 CLIENTS = 3
 SHORT_GRACE_S = 4.0
+# Longer than the clips take on a loaded machine: a server that waited for them, or for
+# the grace, would still be up when the test looks.
+LONG_GRACE_S = 120.0
 # A loaded 2-core machine answers a little after the deadline it aims at.
 ANSWER_SLACK_S = 5.0
 
@@ -43,11 +48,16 @@ def _serve(tmp_path: Path, grace_s: float) -> LocalServer:
 
 
 @pytest.fixture
-def short_grace(tmp_path: Path) -> Iterator[LocalServer]:
-    server = _serve(tmp_path, SHORT_GRACE_S)
-    try:
-        yield server
-    finally:
+def serve_with_grace(tmp_path: Path) -> Iterator[Callable[[float], LocalServer]]:
+    """Starts an instance with the given shutdown grace; stops it after the test."""
+    started: list[LocalServer] = []
+
+    def start(grace_s: float) -> LocalServer:
+        started.append(_serve(tmp_path, grace_s))
+        return started[-1]
+
+    yield start
+    for server in started:
         server.stop()
 
 
@@ -71,8 +81,10 @@ def _wait_exit(server: LocalServer, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
-def test_clips_in_flight_are_answered_before_the_grace_ends(short_grace: LocalServer) -> None:
-    server = short_grace
+def test_clips_in_flight_are_answered_before_the_grace_ends(
+    serve_with_grace: Callable[[float], LocalServer],
+) -> None:
+    server = serve_with_grace(SHORT_GRACE_S)
     server.wait_logged("Riffusion ready: model")
 
     def call(seed: int) -> tuple[httpx.Response, float]:
@@ -104,3 +116,41 @@ def test_clips_in_flight_are_answered_before_the_grace_ends(short_grace: LocalSe
             # through it): the project's JSON error either way.
             assert response.json()["error"]
     assert exited_after_s <= SHORT_GRACE_S + EXIT_MARGIN_S
+
+
+def _access_lines(server: LocalServer, path: str, status: int) -> list[str]:
+    return [
+        line
+        for line in server.log_path.read_text(errors="replace").splitlines()
+        if f"path={path}," in line and f"(status={status}," in line
+    ]
+
+
+def test_clips_whose_clients_leave_during_the_shutdown_are_dropped(
+    serve_with_grace: Callable[[float], LocalServer],
+) -> None:
+    """Clients that hang up after SIGTERM: their clips are dropped (the model service's
+    calls end 499, "client closed request", not 200 or the grace's 503) and the server
+    exits without waiting for the grace, which is longer than the clips."""
+    server = serve_with_grace(LONG_GRACE_S)
+    body = json.dumps({**LONG_CLIP, "duration_s": 20.48}).encode()
+    request = (
+        "POST /text_to_audio HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    address = ("127.0.0.1", server.port)
+    clients = [socket.create_connection(address, timeout=10) for _ in range(CLIENTS)]
+    try:
+        for client in clients:
+            client.sendall(request)
+        _wait_in_flight(server, len(clients))
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_logged("SIGTERM: finishing")
+    finally:
+        for client in clients:
+            client.close()
+    exited_after_s = _wait_exit(server, LONG_GRACE_S)
+    assert len(_access_lines(server, "/submit", 499)) == len(clients), log_tail(server.log_path)
+    assert not _access_lines(server, "/submit", 200) and not _access_lines(server, "/submit", 503)
+    assert exited_after_s < LONG_GRACE_S

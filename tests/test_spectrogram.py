@@ -170,7 +170,7 @@ def test_exif_max_value_is_in_riffusions_units() -> None:
     written = image.getexif()[ExifTag.MAX_VALUE]
     reference = riffusion_source_max(loud)
     assert written == pytest.approx(reference, rel=1e-4)
-    assert 1e7 < written < 2e8  # the brief's order of magnitude for a loud clip (~4.7e7)
+    assert 1e7 < written < 2e8  # the format's order of magnitude for a loud clip (~4.7e7)
     assert source_max_value(image.getexif()) == written
 
 
@@ -199,7 +199,7 @@ def test_unusable_exif_value_is_named() -> None:
 
 
 def documented_encoding(amplitudes: np.ndarray, power: float) -> np.ndarray:
-    """The brief's transform, written independently with numpy: (C, H, W) -> (H, W, C) uint8."""
+    """The format's documented transform, written independently with numpy: (C, H, W) -> (H, W, C) uint8."""
     data = amplitudes / np.max(amplitudes)
     data = np.power(data, power)
     data = data * 255
