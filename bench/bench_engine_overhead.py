@@ -140,11 +140,12 @@ PATHS = {"per-job": False, "batched": True}  # path -> pipeline.batched_schedule
 @click.option("--unet-ms", type=float, default=20.0, show_default=True)
 @click.option("--rounds", type=click.IntRange(1, 10), default=2, show_default=True)
 @click.option("--paths", default="per-job,batched", show_default=True, help="of: per-job, batched")
-def main(batches: str, steps: int, unet_ms: float, rounds: int, paths: str) -> None:
+@click.option("--device", default="cpu", show_default=True, help="where the latents live")
+def main(batches: str, steps: int, unet_ms: float, rounds: int, paths: str, device: str) -> None:
     """Overhead per step beyond the UNet, per batch size and scheduler-stepping path."""
     torch.set_num_threads(1)  # the engine's own work is what is measured, not BLAS threads
     pipeline = RiffusionPipeline(
-        build_tiny_components(device="cpu"),
+        build_tiny_components(device=device),
         spectrogram_params=SpectrogramParams(num_griffin_lim_iters=1),
     )
     pipeline.unet_forward = SleepingUNet(unet_ms / 1000)

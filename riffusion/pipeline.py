@@ -13,7 +13,9 @@ spectrogram images and audio. The steps, in order:
    and text length (``step_groups``; the real-time engine drives the same step):
    each job of a batch adds its latents twice (unconditional, conditional) to ONE
    UNet forward with a per-sample timestep (``denoise_step``), then steps its own
-   scheduler, then re-applies its mask; jobs with fewer steps drop out early;
+   scheduler, then re-applies its mask (jobs sharing a scheduler kind do both at
+   once with per-sample coefficients, riffusion/batched_step.py); jobs with fewer
+   steps drop out early;
 4. ``finish``: decode the latents (on a GPU all of a shape in one VAE call; on
    a CPU one clip at a time, to bound memory), read the pixels as mel
    amplitudes and run Griffin-Lim with a generator per job;
