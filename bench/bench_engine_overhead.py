@@ -39,7 +39,7 @@ from torch import Tensor
 from riffusion.engine import Engine, EngineConfig, EngineObserver
 from riffusion.models import build_tiny_components
 from riffusion.pipeline import JobState, RiffusionPipeline
-from riffusion.schemas import GenerationJob, PromptInput
+from riffusion.schemas import GenerationJob, PromptInput, SchedulerName
 from riffusion.spectrogram import SpectrogramParams
 
 
@@ -90,7 +90,9 @@ def steady(values: list[float]) -> float:
     return statistics.median(values[2:-1] or values)
 
 
-def measure(pipeline: RiffusionPipeline, jobs: int, steps: int) -> dict[str, float]:
+def measure(
+    pipeline: RiffusionPipeline, jobs: int, steps: int, scheduler: SchedulerName | None = None
+) -> dict[str, float]:
     """Seconds per full-batch step of ``jobs`` jobs: the interval between steps, and its
     parts (the rest of ``denoise_step`` beyond the UNet call, the engine around it, the
     stand-in UNet beyond its sleep), each the median over the steps (so they need not
@@ -107,6 +109,7 @@ def measure(pipeline: RiffusionPipeline, jobs: int, steps: int) -> dict[str, flo
                 GenerationJob(
                     start=PromptInput(prompt=f"overhead {index}", seed=index),
                     num_inference_steps=steps,
+                    scheduler=scheduler,
                 )
             )
             for index in range(jobs)
@@ -141,7 +144,21 @@ PATHS = {"per-job": False, "batched": True}  # path -> pipeline.batched_schedule
 @click.option("--rounds", type=click.IntRange(1, 10), default=2, show_default=True)
 @click.option("--paths", default="per-job,batched", show_default=True, help="of: per-job, batched")
 @click.option("--device", default="cpu", show_default=True, help="where the latents live")
-def main(batches: str, steps: int, unet_ms: float, rounds: int, paths: str, device: str) -> None:
+@click.option(
+    "--scheduler",
+    type=click.Choice([name.value for name in SchedulerName]),
+    default=None,
+    help="[default: the checkpoint's own, PNDM]",
+)
+def main(
+    batches: str,
+    steps: int,
+    unet_ms: float,
+    rounds: int,
+    paths: str,
+    device: str,
+    scheduler: str | None,
+) -> None:
     """Overhead per step beyond the UNet, per batch size and scheduler-stepping path."""
     torch.set_num_threads(1)  # the engine's own work is what is measured, not BLAS threads
     pipeline = RiffusionPipeline(
@@ -156,7 +173,8 @@ def main(batches: str, steps: int, unet_ms: float, rounds: int, paths: str, devi
         for _ in range(rounds):  # the paths alternate, so load drifts hit both alike
             for name in path_names:
                 pipeline.batched_scheduler_steps = PATHS[name]
-                samples[name].append(measure(pipeline, jobs, steps))
+                kind = SchedulerName(scheduler) if scheduler else None
+                samples[name].append(measure(pipeline, jobs, steps, kind))
         overheads: dict[str, float] = {}
         for name in path_names:
             parts = {
