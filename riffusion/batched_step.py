@@ -112,8 +112,17 @@ class BatchedStepper(ABC):
 
 def per_sample(rows: Sequence[Coefficients], like: Tensor) -> list[Tensor]:
     """n rows of K coefficients -> K tensors of shape (n, 1, 1, 1) in ``like``'s dtype/device."""
-    table = torch.tensor(rows, dtype=like.dtype).to(like.device)  # (n, K)
+    table = to_device(torch.tensor(rows, dtype=like.dtype), like.device)  # (n, K)
     return list(table.T.reshape(-1, len(rows), 1, 1, 1).unbind())
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on ``device`` without waiting for the device: a blocking copy to
+    a GPU would first wait for the UNet forward queued before it, so the step's
+    remaining CPU work could no longer overlap with it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def by_phase(phases: Sequence[Hashable]) -> dict[Hashable, list[int]]:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
-from riffusion.batched_step import BatchedStepper, StepJob, stacked
+from riffusion.batched_step import BatchedStepper, StepJob, stacked, to_device
 from riffusion.contracts import InvalidJobError
 from riffusion.device_policy import device_policy
 from riffusion.heap import release_freed_memory
@@ -475,7 +475,7 @@ class RiffusionPipeline:
     ) -> tuple[Tensor, Callable[[], None]]:
         """``_step_together``'s arithmetic: (n, 4, h, w) next latents, and ``advance``."""
         guidance = torch.tensor([s.guidance for s in states], dtype=noise_pred_text.dtype)
-        guidance = guidance.to(self.device).reshape(-1, 1, 1, 1)  # (n, 1, 1, 1)
+        guidance = to_device(guidance, self.device).reshape(-1, 1, 1, 1)  # (n, 1, 1, 1)
         # uncond + guidance * (text - uncond), in place on the fresh difference (same ops).
         guided = (noise_pred_text - noise_pred_uncond).mul_(guidance).add_(noise_pred_uncond)
         stepped, advance = stepper.step(jobs, guided, latents)  # (n, 4, h, w)
