@@ -378,9 +378,10 @@ class RiffusionPipeline:
         latents = stacked([s.latents for s in batch])  # (B, 4, h, w); read, never written
         latent_model_input = self._scale_model_input(batch, groups, latents)  # (B, 4, h, w)
         latent_model_input = torch.cat([latent_model_input, latent_model_input])  # (2B, 4, h, w)
-        timesteps = torch.tensor(
-            [s.schedule.timestep_values[s.steps_done] for s in batch], dtype=torch.float32
-        ).to(self.device)  # (B,)
+        timesteps = to_device(
+            torch.tensor([s.schedule.timestep_values[s.steps_done] for s in batch]).float(),
+            self.device,
+        )  # (B,)
         timesteps = torch.cat([timesteps, timesteps])  # (2B,)
         text_embeddings = torch.cat(
             [
