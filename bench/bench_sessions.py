@@ -50,6 +50,8 @@ class ListenerResult:
     clips: int = 0
     underruns: list[float] = field(default_factory=list)
     first_clip_s: float | None = None
+    # Per clip: due_in_s when asked, asked_to_sent_s, and the model service's timings.
+    clip_timings: list[dict[str, float]] = field(default_factory=list)
 
 
 def _listen(url: str, index: int, steps: int, until: float, result: ListenerResult) -> None:
@@ -62,8 +64,8 @@ def _listen(url: str, index: int, steps: int, until: float, result: ListenerResu
         result.open_ms = listener.report.open_s * 1000
         result.retry_after_s = answer.get("retry_after_s")
         if result.accepted:
-            for _ in listener.clips(seconds=max(0.0, until - time.monotonic())):
-                pass
+            for clip in listener.clips(seconds=max(0.0, until - time.monotonic())):
+                result.clip_timings.append({"due_in_s": clip["due_in_s"], **clip["timings"]})
     finally:
         listener.close()
         result.clips = listener.report.clips
@@ -147,6 +149,10 @@ def _steer(url: str, steps: int) -> dict[str, float]:
     raise RuntimeError("the steer never showed")
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
 def _table(title: str, results: list[ListenerResult]) -> None:
     table = Table(title=title)
     for column in (
@@ -224,10 +230,21 @@ def main(
             thread.join()
         _table(f"mixed: {mixed_sessions} sessions beside per-request traffic", results)
         latencies = sorted(traffic.pop("latencies"))
-        traffic["p95_s"] = (
-            round(latencies[int(0.95 * (len(latencies) - 1))], 2) if latencies else None
-        )
+        for name, q in (("p50_s", 0.5), ("p95_s", 0.95)):
+            traffic[name] = (
+                round(latencies[int(q * (len(latencies) - 1))], 2) if latencies else None
+            )
+        traffic["per_minute"] = round(traffic["requests"] * 60 / seconds, 1)
         console.print(f"per-request traffic: {traffic}")
+        for r in results:
+            if r.clip_timings:
+                late = [t["asked_to_sent_s"] - t["due_in_s"] for t in r.clip_timings]
+                console.print(
+                    f"listener {r.index}: clips asked to sent, median "
+                    f"{_median([t['asked_to_sent_s'] for t in r.clip_timings]):.1f} s, "
+                    f"denoise {_median([t.get('denoise', 0.0) for t in r.clip_timings]):.1f} s; "
+                    f"sent after their due time: {sum(x > 0 for x in late)} of {len(late)}"
+                )
         report["mixed"] = {"sessions": [asdict(r) for r in results], "per_request": traffic}
     if "steer" in chosen:
         with serve(model, 8, "continuous", extra_env=env) as url:

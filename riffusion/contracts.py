@@ -59,6 +59,9 @@ class EngineConfig:
     max_batch_size: int = 8  # most jobs per denoising step (each is 2 UNet samples)
     postprocess: PostProcessMode = "thread"
     default_timeout_s: float = 300.0  # deadline of a job submitted without one
+    # Park running jobs due later while stepping them would make a job due sooner late
+    # (riffusion.step_plan); off: every running job steps every step.
+    step_priority: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -84,3 +87,6 @@ class EngineObserver:
 
     def on_deadline_miss(self, late_s: float) -> None:
         """A job was answered ``late_s`` after its deadline."""
+
+    def on_parked(self, jobs: int) -> None:
+        """``jobs`` running jobs sat out a step so that jobs due sooner stay on time."""

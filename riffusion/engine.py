@@ -8,9 +8,15 @@ the pipeline on its device and repeats, at every step boundary:
    waiting or running: they stop using the UNet within one step;
 2. admit waiting jobs, earliest due first, while fewer than ``max_batch_size``
    run; admission prepares the job (text embeddings, seed-image latents, scheduler);
-3. run ONE denoising step for every running job: one UNet forward per group of jobs
+3. plan the step (``riffusion.step_plan``): every running job steps unless stepping it
+   would make a job due sooner late, predicted from the measured step and
+   post-processing times (on a CPU a step costs about in proportion to its jobs; on a
+   GPU about the same whatever its size, so nothing is parked there). A parked job keeps
+   its state and slot, and steps again as soon as the jobs due sooner are safe, or when
+   waiting longer would make it miss its own deadline (``step_priority=False``: all step);
+4. run ONE denoising step for the jobs planned: one UNet forward per group of jobs
    that share a latent shape and text length, each job at its own timestep;
-4. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
+5. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
    thread of its own (``postprocess="thread"``) or between steps (``"inline"``),
    earliest due first, skipping jobs whose caller left meanwhile; a GPU
    decodes them together, a CPU one by one (each answered as soon as it is done).
@@ -19,7 +25,8 @@ Submitting refuses a job at once (``JobRefused``, with a retry hint) when its de
 cannot be met, predicted from the measured step time, the jobs ahead of it and its
 own steps. A job's result does not depend on when it joined or who it ran with: every
 job keeps its own scheduler, noise and generators, and the UNet sees per-sample
-timesteps. A failing job fails alone; its batch-mates carry on.
+timesteps, so neither its batch-mates nor being parked change its result. A failing job
+fails alone; its batch-mates carry on.
 
 The engine knows nothing of HTTP or metrics: it reports through an ``EngineObserver``.
 """
@@ -52,6 +59,7 @@ from riffusion.contracts import (
 from riffusion.device_policy import device_policy
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_groups
 from riffusion.schemas import GenerationJob
+from riffusion.step_plan import plan_step
 
 __all__ = [
     "Engine",
@@ -329,9 +337,9 @@ class Engine:
                 self._admit(now)  # 2.
                 self._report_queue()
                 if self._running:
-                    finished = self._step()  # 3.
+                    finished = self._step(self._plan())  # 3., 4.
                     if finished:
-                        self._postprocess(finished)  # 4.
+                        self._postprocess(finished)  # 5.
         self._postprocess_queue.put(None)
 
     def _drop_unwanted(self, now: float) -> None:
@@ -384,13 +392,23 @@ class Engine:
             else:
                 self._running.append(entry)
 
-    def _step(self) -> list[EngineJob]:
-        """One denoising step for every running job; returns the jobs that just finished."""
+    def _plan(self) -> list[EngineJob]:
+        """The running jobs that take the next step (the others are parked for it)."""
+        if not self.config.step_priority:
+            return list(self._running)
+        inline = self.config.postprocess == "inline"
+        plan = plan_step(self._running, time.monotonic(), self.step_times, inline)
+        if plan.parked:
+            self.observer.on_parked(len(plan.parked))
+        return plan.stepped
+
+    def _step(self, stepping: list[EngineJob]) -> list[EngineJob]:
+        """One denoising step for ``stepping``; returns the running jobs that just finished."""
         began = time.monotonic()
-        batch_size = len(self._running)
-        work = sum(e.work for e in self._running)
-        by_state = {id(e.prepared): e for e in self._running}
-        for group in step_groups([e.prepared for e in self._running]):
+        batch_size = len(stepping)
+        work = sum(e.work for e in stepping)
+        by_state = {id(e.prepared): e for e in stepping}
+        for group in step_groups([e.prepared for e in stepping]):
             self._step_group(group, by_state)
         seconds = time.monotonic() - began
         self.step_times.observe(work, seconds)

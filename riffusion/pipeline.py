@@ -13,7 +13,9 @@ spectrogram images and audio. The steps, in order:
    and text length (``step_groups``; the real-time engine drives the same step):
    each job of a batch adds its latents twice (unconditional, conditional) to ONE
    UNet forward with a per-sample timestep (``denoise_step``), then steps its own
-   scheduler, then re-applies its mask; jobs with fewer steps drop out early;
+   scheduler, then re-applies its mask (jobs sharing a scheduler kind do both at
+   once with per-sample coefficients, riffusion/batched_step.py); jobs with fewer
+   steps drop out early;
 4. ``finish``: decode the latents (on a GPU all of a shape in one VAE call; on
    a CPU one clip at a time, to bound memory), read the pixels as mel
    amplitudes and run Griffin-Lim with a generator per job;
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
+from riffusion.batched_step import BatchedStepper, StepJob, stacked, to_device
 from riffusion.contracts import InvalidJobError
 from riffusion.device_policy import device_policy
 from riffusion.heap import release_freed_memory
@@ -149,8 +152,11 @@ class RiffusionPipeline:
         seed_images: SeedImageLibrary | None = None,
         spectrogram_params: SpectrogramParams | None = None,
         seed_latent_cache_size: int = SEED_LATENT_CACHE_SIZE,
+        batched_scheduler_steps: bool = True,
     ) -> None:
         self.components = components
+        # Jobs sharing a scheduler kind stepped at once (off: each alone, as a reference).
+        self.batched_scheduler_steps = batched_scheduler_steps
         self.device = components.device
         self.dtype = components.dtype
         self.unet_forward = prepare_unet(components, unet_backend)
@@ -358,15 +364,24 @@ class RiffusionPipeline:
                     progress(done, total)
 
     def denoise_step(self, batch: Sequence[JobState]) -> None:
-        """One UNet forward for ``batch`` (B jobs, 2B samples), then each job's own step.
+        """One UNet forward for ``batch`` (B jobs, 2B samples), then every job's scheduler step.
 
-        The jobs must share a latent shape and a text length (``step_key``).
+        The jobs must share a latent shape and a text length (``step_key``). Jobs whose
+        schedulers share a ``BatchedStepper`` (riffusion/batched_step.py) are stepped
+        together: guidance, the scheduler's update and the mask blend run once on
+        (n, 4, h, w) with per-sample coefficients, each job at its own step of its own
+        scheduler; a job's latents are bit-identical to stepping it alone. The others
+        (and every job when ``batched_scheduler_steps`` is off) go through
+        ``_step_alone``.
         """
-        latent_model_input = torch.cat(
-            [s.schedule.scheduler.scale_model_input(s.latents, s.timestep) for s in batch]
-        )  # (B, 4, h, w)
+        groups = self._stepping_groups(batch)
+        latents = stacked([s.latents for s in batch])  # (B, 4, h, w); read, never written
+        latent_model_input = self._scale_model_input(batch, groups, latents)  # (B, 4, h, w)
         latent_model_input = torch.cat([latent_model_input, latent_model_input])  # (2B, 4, h, w)
-        timesteps = torch.stack([s.timestep.float() for s in batch]).to(self.device)  # (B,)
+        timesteps = to_device(
+            torch.tensor([s.schedule.timestep_values[s.steps_done] for s in batch]).float(),
+            self.device,
+        )  # (B,)
         timesteps = torch.cat([timesteps, timesteps])  # (2B,)
         text_embeddings = torch.cat(
             [
@@ -380,19 +395,126 @@ class RiffusionPipeline:
         ).float()  # (2B, 4, h, w)
         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)  # (B, 4, h, w) each
 
-        for row, state in enumerate(batch):
+        for stepper, rows in groups.items():
+            if stepper is None:
+                for row in rows:
+                    self._step_alone(
+                        batch[row], noise_pred_uncond[row : row + 1], noise_pred_text[row : row + 1]
+                    )
+            else:
+                predictions = (rows_of(noise_pred_uncond, rows), rows_of(noise_pred_text, rows))
+                states = [batch[row] for row in rows]
+                self._step_together(stepper, states, predictions, rows_of(latents, rows))
+        for state in batch:
             state.peak_batch_size = max(state.peak_batch_size, len(batch))
-            uncond = noise_pred_uncond[row : row + 1]
-            guided = uncond + state.guidance * (noise_pred_text[row : row + 1] - uncond)
-            timestep = state.timestep
-            state.latents = scheduler_step(
-                state.schedule.scheduler, guided, timestep, state.latents, state.step_generator
-            )
-            if state.keep_mask is not None and state.init_latents is not None:
-                # The kept region follows the seed image, noised to the step's timestep.
-                kept = state.schedule.add_noise(state.init_latents, state.noise, timestep)
-                state.latents = kept * state.keep_mask + state.latents * (1 - state.keep_mask)
+
+    def _stepping_groups(self, batch: Sequence[JobState]) -> dict[BatchedStepper | None, list[int]]:
+        """Rows of ``batch`` by the stepper that steps them (None: stepped alone)."""
+        if not self.batched_scheduler_steps:
+            return {None: list(range(len(batch)))}
+        return group_by(range(len(batch)), lambda row: batch[row].schedule.stepper)
+
+    def _scale_model_input(
+        self,
+        batch: Sequence[JobState],
+        groups: dict[BatchedStepper | None, list[int]],
+        latents: Tensor,
+    ) -> Tensor:
+        """(B, 4, h, w) latents -> the UNet's input: each job's ``scale_model_input``."""
+        scaled = latents
+        for stepper, rows in groups.items():
+            if stepper is not None and not stepper.scales_model_input:
+                continue
+            if scaled is latents:
+                scaled = latents.clone()
+            if stepper is None:
+                for row in rows:
+                    state = batch[row]
+                    scaled[row : row + 1] = state.schedule.scheduler.scale_model_input(
+                        latents[row : row + 1], state.timestep
+                    )
+            else:
+                jobs = [step_job(batch[row]) for row in rows]
+                scaled[rows] = stepper.scale_model_input(jobs, rows_of(latents, rows))
+        return scaled
+
+    def _step_together(
+        self,
+        stepper: BatchedStepper,
+        states: Sequence[JobState],
+        predictions: tuple[Tensor, Tensor],
+        latents: Tensor,
+    ) -> None:
+        """Guidance, scheduler step and mask blend of ``states`` at once ((n, 4, h, w) inputs).
+
+        Nothing of a job changes until every tensor is computed, so a failure leaves
+        the jobs as they were (the engine then retries each alone).
+        """
+        jobs = [step_job(state) for state in states]
+        # A failed step must not have drawn from a job's generator either.
+        generator_states = [s.step_generator.get_state() for s in states if stepper.draws_noise]
+        try:
+            stepped, advance = self._step_tensors(stepper, jobs, states, *predictions, latents)
+        except BaseException:
+            for state, generator_state in zip(states, generator_states, strict=False):
+                state.step_generator.set_state(generator_state)
+            raise
+        advance()
+        for state, state_latents in zip(states, stepped.split(1), strict=True):
             state.steps_done += 1
+            # A row of the group's tensor; a finished job's own copy, not the whole group's.
+            state.latents = state_latents.clone() if state.finished else state_latents
+
+    def _step_tensors(
+        self,
+        stepper: BatchedStepper,
+        jobs: list[StepJob],
+        states: Sequence[JobState],
+        noise_pred_uncond: Tensor,
+        noise_pred_text: Tensor,
+        latents: Tensor,
+    ) -> tuple[Tensor, Callable[[], None]]:
+        """``_step_together``'s arithmetic: (n, 4, h, w) next latents, and ``advance``."""
+        guidance = torch.tensor([s.guidance for s in states], dtype=noise_pred_text.dtype)
+        guidance = to_device(guidance, self.device).reshape(-1, 1, 1, 1)  # (n, 1, 1, 1)
+        # uncond + guidance * (text - uncond), in place on the fresh difference (same ops).
+        guided = (noise_pred_text - noise_pred_uncond).mul_(guidance).add_(noise_pred_uncond)
+        stepped, advance = stepper.step(jobs, guided, latents)  # (n, 4, h, w)
+
+        masked = [
+            row
+            for row, state in enumerate(states)
+            if state.keep_mask is not None and state.init_latents is not None
+        ]
+        if masked:
+            # The kept region follows the seed image, noised to the step's timestep.
+            kept = stepper.add_noise(
+                [jobs[row] for row in masked],
+                torch.cat([states[row].init_latents for row in masked]),  # type: ignore[misc]
+                torch.cat([states[row].noise for row in masked]),
+            )
+            keep_mask = torch.cat([states[row].keep_mask for row in masked])  # type: ignore[misc]
+            blended = kept * keep_mask + rows_of(stepped, masked) * (1 - keep_mask)
+            if len(masked) == len(states):
+                stepped = blended
+            else:
+                stepped = stepped.clone()
+                stepped[masked] = blended
+        return stepped, advance
+
+    def _step_alone(self, state: JobState, uncond: Tensor, text: Tensor) -> None:
+        """The per-job step, for schedulers without a stepper: guidance, ``scheduler.step``
+        with the job's generator, mask blend ((1, 4, h, w) noise predictions)."""
+        guided = uncond + state.guidance * (text - uncond)
+        timestep = state.timestep
+        state.latents = scheduler_step(
+            state.schedule.scheduler, guided, timestep, state.latents, state.step_generator
+        )
+        if state.keep_mask is not None and state.init_latents is not None:
+            # The kept region follows the seed image, noised to the step's timestep.
+            kept = state.schedule.add_noise(state.init_latents, state.noise, timestep)
+            state.latents = kept * state.keep_mask + state.latents * (1 - state.keep_mask)
+        state.steps_done += 1
 
     # --- 4. decoding -----------------------------------------------------------------------------
 
@@ -504,6 +626,25 @@ class RiffusionPipeline:
                 )
             )
         return clips
+
+
+def step_job(state: JobState) -> StepJob:
+    """What a ``BatchedStepper`` needs of ``state`` for its next step."""
+    schedule = state.schedule
+    return StepJob(
+        scheduler=schedule.scheduler,
+        noiser=schedule.noiser,
+        timestep=schedule.timesteps[state.steps_done],
+        timestep_value=schedule.timestep_values[state.steps_done],
+        generator=state.step_generator,
+    )
+
+
+def rows_of(tensor: Tensor, rows: list[int]) -> Tensor:
+    """``tensor[rows]``, without a copy when ``rows`` is every row in order."""
+    if len(rows) == tensor.shape[0] and rows == list(range(len(rows))):
+        return tensor
+    return tensor[rows]
 
 
 def step_key(state: JobState) -> tuple[int, int, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import diffusers
@@ -25,6 +25,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
+from riffusion.batched_step import BatchedStepper, stepper_for
 from riffusion.schemas import SchedulerName, img2img_steps
 
 # diffusers schedulers share a duck-typed interface (set_timesteps, scale_model_input,
@@ -71,6 +72,12 @@ class JobSchedule:
     scheduler: Scheduler
     noiser: Scheduler
     timesteps: Tensor  # the timesteps this job runs, first to last
+    # Steps this job together with others of its scheduler kind; None: it is stepped alone.
+    stepper: BatchedStepper | None = None
+    timestep_values: list[int | float] = field(init=False)  # ``timesteps`` as Python numbers
+
+    def __post_init__(self) -> None:
+        self.timestep_values = self.timesteps.tolist()
 
     @property
     def num_steps(self) -> int:
@@ -96,19 +103,28 @@ def schedule_job(
     scheduler.set_timesteps(num_inference_steps, device="cpu")
     noiser = copy.deepcopy(scheduler)
     all_timesteps: Tensor = scheduler.timesteps
+    stepper = stepper_for(scheduler)
     if denoising is None:
-        return JobSchedule(scheduler, noiser, all_timesteps)
+        return JobSchedule(scheduler, noiser, all_timesteps, stepper)
     init_steps = img2img_steps(num_inference_steps, denoising)
     start = max(num_inference_steps - init_steps, 0) * scheduler.order
     timesteps = all_timesteps[start:] if init_steps > 0 else all_timesteps[:0]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
-    return JobSchedule(scheduler, noiser, timesteps)
+    return JobSchedule(scheduler, noiser, timesteps, stepper)
 
 
 def step_accepts_generator(scheduler: Scheduler) -> bool:
     """Whether ``scheduler.step`` takes a ``generator`` (ancestral/stochastic samplers)."""
-    return "generator" in inspect.signature(scheduler.step).parameters
+    scheduler_class = type(scheduler)
+    accepts = _STEP_ACCEPTS_GENERATOR.get(scheduler_class)
+    if accepts is None:  # inspect.signature costs ~30 us: once per class, not per job and step
+        accepts = "generator" in inspect.signature(scheduler.step).parameters
+        _STEP_ACCEPTS_GENERATOR[scheduler_class] = accepts
+    return accepts
+
+
+_STEP_ACCEPTS_GENERATOR: dict[type, bool] = {}
 
 
 def scheduler_step(

@@ -122,6 +122,13 @@ UNET_SAMPLES = Counter(
     ),
     labelnames=("outcome",),
 )
+PARKED_JOB_STEPS = Counter(
+    name="riffusion_engine_parked_job_steps",
+    documentation=(
+        "Running jobs that sat out a denoising step so that jobs due sooner stay on time "
+        "(one per job per step; a CPU parks, a GPU steps everyone)."
+    ),
+)
 UNET_EAGER_FALLBACKS = Counter(
     name="riffusion_unet_eager_fallbacks",
     documentation="UNet calls the traced or compiled backend could not serve and ran eager.",
@@ -155,6 +162,9 @@ class EngineMetrics(EngineObserver):
 
     def on_deadline_miss(self, late_s: float) -> None:
         DEADLINE_MISSES.inc()
+
+    def on_parked(self, jobs: int) -> None:
+        PARKED_JOB_STEPS.inc(jobs)
 
     def count_eager_fallbacks(self) -> None:
         """Add the UNet backend's new eager calls (traced/compiled backends count them)."""

@@ -23,6 +23,7 @@ from riffusion.api_schemas import ModelReply, ModelRequest
 from riffusion.engine import (
     Engine,
     EngineConfig,
+    EngineJob,
     EngineObserver,
     JobCancelled,
     JobExpired,
@@ -67,6 +68,9 @@ class Recorder(EngineObserver):
         self.batch_sizes: list[int] = []
         self.steps = threading.Semaphore(0)
         self.lock = threading.Lock()
+        self.parked = 0  # job-steps sat out
+        self.parked_at_step: list[tuple[int, int]] = []  # (steps run before, jobs parked)
+        self.deadline_misses = 0
 
     def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
         self.batch_sizes.append(batch_size)
@@ -76,6 +80,15 @@ class Recorder(EngineObserver):
         with self.lock:
             self.outcomes[outcome] += 1
             self.samples_by_outcome[outcome] += unet_samples
+
+    def on_parked(self, jobs: int) -> None:
+        with self.lock:
+            self.parked += jobs
+            self.parked_at_step.append((len(self.batch_sizes), jobs))
+
+    def on_deadline_miss(self, late_s: float) -> None:
+        with self.lock:
+            self.deadline_misses += 1
 
     def wait_steps(self, count: int) -> None:
         for _ in range(count):
@@ -495,3 +508,131 @@ def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(
     assert order == ["listener", "request"]
     assert recorder.outcomes == {"completed": 3}  # due long before it ran, still completed
     assert all(clip.audio.num_frames > 0 for clip in clips)
+
+
+# --- step-level priority: a job due sooner is not made late by the ones due later -------------
+
+PER_JOB_S = 0.25  # what a step costs per job in it (cpu_like)
+FLAT_S = 0.5  # what a step costs whatever its size (gpu_like)
+
+
+class WorkPacedPipeline(RiffusionPipeline):
+    """The tiny pipeline, each step padded to last ``per_job_s`` per job in it (a CPU,
+    where a step costs in proportion to its jobs) plus ``flat_s`` (a GPU, where a batch
+    costs as one job), so that costs hold on a loaded machine."""
+
+    per_job_s = 0.0
+    flat_s = 0.0
+
+    def denoise_step(self, batch: Sequence[JobState]) -> None:
+        began = time.perf_counter()
+        super().denoise_step(batch)
+        cost_s = self.flat_s + self.per_job_s * len(batch)
+        time.sleep(max(0.0, cost_s - (time.perf_counter() - began)))
+
+
+def work_paced(library: SeedImageLibrary, per_job_s: float, flat_s: float) -> WorkPacedPipeline:
+    pipeline = WorkPacedPipeline(
+        build_tiny_components(device="cpu"),
+        seed_images=library,
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
+    )
+    pipeline.per_job_s, pipeline.flat_s = per_job_s, flat_s
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def cpu_like(library: SeedImageLibrary) -> WorkPacedPipeline:
+    return work_paced(library, per_job_s=PER_JOB_S, flat_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def gpu_like(library: SeedImageLibrary) -> WorkPacedPipeline:
+    return work_paced(library, per_job_s=0.0, flat_s=FLAT_S)
+
+
+def listener_beside_requests(
+    engine: Engine, with_due: bool
+) -> tuple[EngineJob, list[EngineJob], dict[str, float], float]:
+    """A listener's clip and three requests (due at their timeout) submitted together,
+    once a one-job and a three-job step have been measured. The listener's clip is due
+    (``with_due``) in what it takes alone, as the engine measured it, plus half of one
+    job's step cost per step: on time alone, late beside one request on a CPU, on time
+    beside all three on a GPU. Returns the entries, when each was answered
+    (time.monotonic()) and that due time."""
+    alone = engine.submit(job("warm-up alone", steps=3))
+    alone.future.result(timeout=60)
+    for entry in [engine.submit(job("warm-up together", seed=i, steps=3)) for i in range(3)]:
+        entry.future.result(timeout=60)
+    times = engine.step_times
+    alone_s = alone.expected_steps * times.step_s(alone.work) + times.postprocess_s(alone.work)
+    due_s = alone_s + 0.5 * alone.expected_steps * PER_JOB_S
+    requests = [
+        (job(f"request {i}", seed=10 + i, steps=6), 300.0, f"request {i}", 0.0, None)
+        for i in range(3)
+    ]
+    listener = (
+        job("listener", seed=20, steps=3),
+        300.0,
+        "listener",
+        0.0,
+        due_s if with_due else None,
+    )
+    entries = [e for e in engine.submit_together([*requests, listener]) if isinstance(e, EngineJob)]
+    assert len(entries) == 4
+    answered: dict[str, float] = {}
+    for entry in entries:
+        entry.future.add_done_callback(
+            lambda _f, name=entry.id: answered.__setitem__(name, time.monotonic())
+        )
+    for entry in entries:
+        entry.future.result(timeout=60)
+    wait_until(lambda: len(answered) == 4)
+    return entries[3], entries[:3], answered, due_s
+
+
+def test_on_a_cpu_a_job_due_sooner_is_answered_in_time_beside_jobs_due_later(
+    cpu_like: WorkPacedPipeline,
+) -> None:
+    engine, recorder = make_engine(cpu_like)
+    try:
+        listener, requests, answered, _ = listener_beside_requests(engine, with_due=True)
+    finally:
+        engine.stop()
+    assert answered["listener"] <= listener.due  # on time
+    assert all(answered[r.id] > answered["listener"] for r in requests)
+    # All three sat out the listener's first step (beside any of them it would be late);
+    # one may join its last steps once it is ahead. They lost no work, met their deadlines.
+    assert recorder.parked_at_step[0][1] == 3
+    assert recorder.parked <= 3 * listener.expected_steps
+    assert recorder.outcomes == {"completed": 1 + 3 + 4} and recorder.deadline_misses == 0
+    # Being parked changes nobody's result: each matches the job run alone.
+    for entry in [listener, *requests]:
+        [reference] = cpu_like.run([entry.job])
+        assert_close(entry.future.result(), reference)
+
+
+def test_on_a_cpu_the_same_job_without_a_due_time_shares_every_step_and_is_late(
+    cpu_like: WorkPacedPipeline,
+) -> None:
+    engine, recorder = make_engine(cpu_like)
+    try:
+        listener, _, answered, due_s = listener_beside_requests(engine, with_due=False)
+    finally:
+        engine.stop()
+    # Due at its deadline, like the requests: everyone steps, each step four jobs' cost.
+    assert recorder.parked == 0
+    assert answered["listener"] - listener.submitted_at > due_s
+
+
+def test_on_a_gpu_where_a_batch_costs_as_one_nothing_is_parked(
+    gpu_like: WorkPacedPipeline,
+) -> None:
+    engine, recorder = make_engine(gpu_like)
+    try:
+        listener, _, answered, _ = listener_beside_requests(engine, with_due=True)
+    finally:
+        engine.stop()
+    assert recorder.parked == 0 and max(recorder.batch_sizes) == 4
+    assert answered["listener"] <= listener.due  # on time beside all three
+    assert recorder.outcomes == {"completed": 1 + 3 + 4}

@@ -26,6 +26,7 @@ import pytest
 
 from load_tests.client import metric_total, work_in_flight
 from load_tests.server import LocalServer, free_port
+from serving.worker_temp import PREFIX
 from tests.served_checks import (
     AUTH,
     HEADER_TIMEOUT_S,
@@ -240,9 +241,10 @@ def watch_start_up(local: LocalServer, record: StartUp, done: threading.Event) -
 @pytest.fixture(scope="module")
 def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, StartUp]]:
     tmp = tmp_path_factory.mktemp("hardening")
-    local = LocalServer(
-        tmp / "serve.log", "tiny", limited_env(tmp), START_UP_TIMEOUT_S, port=free_port()
-    )
+    (tmp / "tmp").mkdir()
+    # The server's own temp folders, checked after a worker kill.
+    env = {**limited_env(tmp), "TMPDIR": str(tmp / "tmp")}
+    local = LocalServer(tmp / "serve.log", "tiny", env, START_UP_TIMEOUT_S, port=free_port())
     start_up, done = StartUp(), threading.Event()
     watcher = threading.Thread(target=watch_start_up, args=(local, start_up, done), daemon=True)
     watcher.start()  # probing before the server even starts: refused at first
@@ -490,9 +492,12 @@ def test_a_killed_model_worker_turns_probes_and_gauges_at_once(served: LocalServ
       the restarting model;
     - a dead worker's engine gauges leave /metrics at once (not when its successor
       starts), and the clip whose retry also failed is answered 503 with
-      riffusion_clips_in_flight back to 0 (a failed model call releases its count).
+      riffusion_clips_in_flight back to 0 (a failed model call releases its count);
+    - the successors remove the killed workers' temp folders (BentoML's client folders
+      inside them included), and no model request stays counted in progress.
     """
     url = served.url
+    killed: list[psutil.Process] = []
     client = httpx.Client(base_url=url, timeout=5)
     floor = baseline_s(client)
     time.sleep(LIVENESS_GRACE_S + 2)  # the precondition: no probe polled for the grace
@@ -510,6 +515,9 @@ def test_a_killed_model_worker_turns_probes_and_gauges_at_once(served: LocalServ
         _wait_for(lambda: _gauge(url, "riffusion_engine_running_jobs") >= 1, 300, "the clip")
         assert "response" not in answer, answer["response"].text  # still in flight
         worker = _model_worker(served)
+        temp_root = Path(worker.environ()["TMPDIR"])
+        assert (temp_root / f"{PREFIX}{worker.pid}").is_dir()
+        killed.append(worker)
         worker.kill()
         killed_at = time.monotonic()
         if kill == 1:
@@ -549,6 +557,19 @@ def test_a_killed_model_worker_turns_probes_and_gauges_at_once(served: LocalServ
     assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
     after = httpx.post(f"{url}/text_to_audio", json=clip_body(9), headers=AUTH, timeout=300)
     assert after.status_code == 200
+    in_progress = [
+        line
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+        if line.startswith("bentoml_service_request_in_progress{") and "riffusion_model" in line
+    ]
+    assert in_progress and all(line.endswith(" 0.0") for line in in_progress), in_progress
+    # The worker folders left belong to running processes, and no client folder sits
+    # outside them (the arbiter's socket folder and torch's kernel cache may).
+    left = sorted(path.name for path in temp_root.iterdir())
+    assert not [f"{PREFIX}{dead.pid}" for dead in killed if f"{PREFIX}{dead.pid}" in left], left
+    assert not [name for name in left if name.startswith("bentoml-client-")], left
+    workers = [int(name.removeprefix(PREFIX)) for name in left if name.startswith(PREFIX)]
+    assert len(workers) == 2 and all(psutil.pid_exists(pid) for pid in workers), left
 
 
 IN_FLIGHT = 3  # requests sent just before SIGTERM

@@ -199,7 +199,7 @@ def test_unusable_exif_value_is_named() -> None:
 
 
 def documented_encoding(amplitudes: np.ndarray, power: float) -> np.ndarray:
-    """The format's documented transform, written independently with numpy: (C, H, W) -> (H, W, C) uint8."""
+    """The format's transform, written independently with numpy: (C, H, W) -> (H, W, C) uint8."""
     data = amplitudes / np.max(amplitudes)
     data = np.power(data, power)
     data = data * 255
