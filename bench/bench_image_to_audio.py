@@ -51,9 +51,9 @@ from riffusion.spectrogram import (
 IMAGE_WIDTH = 512
 
 
-def synthesised_image(params: SpectrogramParams) -> Image.Image:
-    """A 512-px mono spectrogram of an A-minor-seventh chord plus clicks at 120 bpm."""
-    num_samples = (IMAGE_WIDTH - 1) * params.hop_length
+def synthesised_image(params: SpectrogramParams, width_px: int = IMAGE_WIDTH) -> Image.Image:
+    """A mono spectrogram ``width_px`` wide of an A-minor-seventh chord plus clicks at 120 bpm."""
+    num_samples = (width_px - 1) * params.hop_length
     t = np.arange(num_samples) / params.sample_rate
     chord = sum(0.15 * np.sin(2 * np.pi * freq * t) for freq in (220.0, 261.63, 329.63, 392.0))
     clicks = np.zeros(num_samples)
@@ -61,7 +61,7 @@ def synthesised_image(params: SpectrogramParams) -> Image.Image:
     clicks = np.convolve(clicks, np.exp(-np.arange(400) / 40.0))[:num_samples]
     samples = (chord + 0.8 * clicks).astype(np.float32)[None]
     image = image_from_audio(Audio(samples, params.sample_rate), params, device="cpu")
-    assert image.size == (IMAGE_WIDTH, params.num_frequencies)
+    assert image.size == (width_px, params.num_frequencies), image.size
     return image
 
 

@@ -10,7 +10,7 @@ contention hits both alike, after one untimed warm-up conversion of a narrow ima
 Prints ``ratio = time(6 clips) / (6 x time(1 clip))`` (medians) and exits 1 unless it
 is at most ``--max-ratio`` (1.5: no worse than 1.5x linear).
 
-    uv run --frozen --all-extras python bench/bench_long_image_to_audio.py --rounds 1
+    uv run --frozen --all-extras python -m bench.bench_long_image_to_audio --rounds 1
 """
 
 from __future__ import annotations
@@ -21,29 +21,14 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
-from riffusion.audio import Audio
-from riffusion.spectrogram import SpectrogramParams, audio_from_image, image_from_audio
+from bench.bench_image_to_audio import synthesised_image
+from riffusion.spectrogram import SpectrogramParams, audio_from_image
 
 CLIP_PX = 512
 CLIPS = 6
-
-
-def synthesised_image(width_px: int, params: SpectrogramParams) -> Image.Image:
-    """A mono spectrogram ``width_px`` wide of an A-minor-seventh chord plus clicks."""
-    num_samples = (width_px - 1) * params.hop_length
-    t = np.arange(num_samples) / params.sample_rate
-    chord = sum(0.15 * np.sin(2 * np.pi * freq * t) for freq in (220.0, 261.63, 329.63, 392.0))
-    clicks = np.zeros(num_samples)
-    clicks[:: params.sample_rate // 2] = 1.0
-    clicks = np.convolve(clicks, np.exp(-np.arange(400) / 40.0))[:num_samples]
-    samples = (chord + 0.8 * clicks).astype(np.float32)[None]
-    image = image_from_audio(Audio(samples, params.sample_rate), params, device="cpu")
-    assert image.width == width_px, image.size
-    return image
 
 
 def convert_s(image: Image.Image, seed: int) -> float:
@@ -61,14 +46,14 @@ def main() -> int:
         parser.error("--rounds must be at least 1")
 
     params = SpectrogramParams()
-    clip = synthesised_image(CLIP_PX, params)
-    track = synthesised_image(CLIPS * CLIP_PX, params)
+    clip = synthesised_image(params, CLIP_PX)
+    track = synthesised_image(params, CLIPS * CLIP_PX)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     iters = params.num_griffin_lim_iters
     print(f"images: clip {clip.width} px, track {track.width} px; Griffin-Lim x{iters}")
     # Warm-up on a narrow image: the converter's set-up and first-call costs (the
     # converter is shared by every width).
-    convert_s(synthesised_image(64, params), 0)
+    convert_s(synthesised_image(params, 64), 0)
     clip_s: list[float] = []
     track_s: list[float] = []
     for seed in range(args.rounds):

@@ -89,6 +89,26 @@ def stop_process_group(
     psutil.wait_procs(alive, timeout=5)  # SIGKILL lands asynchronously
 
 
+def refused_start(cwd: Path, env: Mapping[str, str], timeout_s: float = 300.0) -> str:
+    """Run ``bentoml serve`` that must refuse to start; its whole output, one line.
+
+    Raises ``StartupError`` if it exits 0 or says more than one line (a refusal at
+    start-up is one line naming the setting to change, never a traceback)."""
+    command = [executable("bentoml"), "serve", "service:Riffusion", "--host", "127.0.0.1"]
+    result = subprocess.run(
+        [*command, "--port", str(free_port())],
+        cwd=cwd,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode == 0 or len(output.splitlines()) != 1:
+        raise StartupError(f"expected a one-line refusal, exit {result.returncode}:\n{output}")
+    return output
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a log file ('' when there is none yet)."""
     if not path.is_file():

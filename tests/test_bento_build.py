@@ -283,24 +283,13 @@ def test_hub_model_declared_only_for_hub_ids(tmp_path: Path, model: str, declare
 
 def test_serve_without_the_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     """`make serve` offline with the default model: one ModelLoadError line naming the fix."""
-    from load_tests.server import free_port
+    from load_tests.server import refused_start
 
     env = {
         **_offline_env(tmp_path, "riffusion/riffusion-model-v1"),
         "BENTOML_HF_CACHE_DIR": str(tmp_path / "empty-hf-cache"),
     }
-    command = [str(BENTOML), "serve", "service:Riffusion", "--host", "127.0.0.1"]
-    result = subprocess.run(
-        [*command, "--port", str(free_port())],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    output = (result.stdout + result.stderr).strip()
-    assert len(output.splitlines()) == 1, output
+    output = refused_start(ROOT, env)
     assert "ModelLoadError" in output and "riffusion/riffusion-model-v1" in output
     assert "RIFFUSION_MODEL=tiny" in output and "HF_HUB_OFFLINE" in output
 
@@ -308,22 +297,11 @@ def test_serve_without_the_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
 def test_serve_without_a_required_key_refuses_to_start(tmp_path: Path) -> None:
     """RIFFUSION_AUTH=required (the Bento's and the manifests' setting) without a key: the
     server stops before it listens, in one line naming both settings; never open access."""
-    from load_tests.server import free_port
+    from load_tests.server import refused_start
 
     env = {**_offline_env(tmp_path, "tiny"), "RIFFUSION_AUTH": "required"}
     env.pop("RIFFUSION_API_KEY", None)
-    command = [str(BENTOML), "serve", "service:Riffusion", "--host", "127.0.0.1"]
-    result = subprocess.run(
-        [*command, "--port", str(free_port())],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    output = (result.stdout + result.stderr).strip()
-    assert len(output.splitlines()) == 1, output
+    output = refused_start(ROOT, env)
     assert "RIFFUSION_AUTH=required" in output and "RIFFUSION_API_KEY" in output
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,7 +160,7 @@ def test_a_bento_refuses_emulation_unless_allowed(tmp_path: Path) -> None:
 def test_bento_layout_serve_with_emulation_stops_in_one_line(tmp_path: Path) -> None:
     """`bentoml serve` from a Bento's layout (sources in src/ beside bento.yaml) with
     RIFFUSION_EMULATE set: the server stops before it listens, naming the opt-in."""
-    from load_tests.server import free_port
+    from load_tests.server import refused_start
 
     src = tmp_path / "bento" / "src"
     shutil.copytree(ROOT / "riffusion", src / "riffusion")
@@ -177,19 +175,7 @@ def test_bento_layout_serve_with_emulation_stops_in_one_line(tmp_path: Path) -> 
         "RIFFUSION_EMULATE": "h100",
     }
     env.pop("RIFFUSION_ALLOW_EMULATION", None)
-    bentoml = Path(sys.executable).parent / "bentoml"
-    command = [str(bentoml), "serve", "service:Riffusion", "--host", "127.0.0.1"]
-    result = subprocess.run(
-        [*command, "--port", str(free_port())],
-        cwd=src,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    output = (result.stdout + result.stderr).strip()
-    assert len(output.splitlines()) == 1, output
+    output = refused_start(src, env)
     assert "RIFFUSION_EMULATE=h100" in output and "RIFFUSION_ALLOW_EMULATION=1" in output
 
 

@@ -15,14 +15,8 @@ from typing import TYPE_CHECKING
 
 import click
 from PIL import Image, UnidentifiedImageError
-from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
 )
 
 from riffusion.audio import (
@@ -36,6 +30,7 @@ from riffusion.audio import (
     to_stereo,
     write_audio,
 )
+from riffusion.cli.console import progress_bar
 from riffusion.cli.errors import friendly_errors
 from riffusion.progress import listening_to
 
@@ -47,8 +42,6 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
 MIN_SPECTROGRAM_AUDIO_S = 0.25
 # AudioError and SpectrogramError are ValueErrors.
 EXPECTED_ERRORS = (ValueError, OSError)
-# soft_wrap: messages stay on one line whatever the terminal width.
-stderr = Console(stderr=True, soft_wrap=True)
 
 
 def checked_device(value: str | None) -> str:
@@ -76,16 +69,6 @@ device_option = click.option(
     show_default="cuda if available, else cpu",
     help="Torch device for the spectrogram transforms.",
 )
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=stderr,
-    )
 
 
 @contextmanager

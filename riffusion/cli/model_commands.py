@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from riffusion.audio import Audio, AudioError, format_for_path, read_audio, write_audio
+from riffusion.cli.console import progress_bar, stderr
 from riffusion.cli.errors import friendly_errors
 from riffusion.cli.hub import prepare_hub_model
 from riffusion.model_source import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelLoadError
@@ -52,9 +44,6 @@ GRIFFIN_LIM_ITERS = 32
 # Errors that come from the user's input or setup: reported as one line, exit code 1.
 # Audio, seed-image, spectrogram and invalid-job errors are all ValueErrors.
 USER_ERRORS = (AudioError, ModelLoadError, ValueError)
-
-# soft_wrap: messages stay on one line whatever the terminal width (logs and tests parse them).
-stderr = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -167,21 +156,10 @@ def check_image_ids(seed_image_id: str | None, mask_image_id: str | None) -> Non
         library.info(mask_image_id, kind="mask")
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-    )
-
-
 @contextmanager
 def step_progress(description: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar fed by the pipeline's (done, total) step callback."""
-    with progress_bar() as progress:
+    with progress_bar(time_remaining=True) as progress:
         task = progress.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
@@ -195,7 +173,7 @@ def run_in_batches(
 ) -> list[GeneratedClip]:
     """Run ``jobs`` through the pipeline ``batch_size`` at a time with a progress bar."""
     clips: list[GeneratedClip] = []
-    with progress_bar() as progress:
+    with progress_bar(time_remaining=True) as progress:
         clip_task = progress.add_task(what, total=len(jobs))
         step_task = progress.add_task("denoising steps", total=None)
         for first in range(0, len(jobs), batch_size):
