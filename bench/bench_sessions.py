@@ -35,6 +35,7 @@ from rich.table import Table
 
 from bench.bench_engine import web_app_request
 from bench.bench_service import serve
+from load_tests.client import metric_total
 from load_tests.session_client import SessionListener
 
 console = Console()
@@ -228,6 +229,9 @@ def main(
             results = _run_listeners(url, mixed_sessions, 5.0, steps, seconds)
             stop.set()
             thread.join()
+            # Whether step-level priority acted: job-steps sat out for a job due sooner.
+            parked = metric_total(url, "riffusion_engine_parked_job_steps_total")
+            traffic["parked_job_steps"] = parked
         _table(f"mixed: {mixed_sessions} sessions beside per-request traffic", results)
         latencies = sorted(traffic.pop("latencies"))
         for name, q in (("p50_s", 0.5), ("p95_s", 0.95)):
