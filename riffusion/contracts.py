@@ -16,7 +16,7 @@ from typing import Literal, get_args
 UNetBackend = Literal["eager", "traced", "compiled"]
 UNET_BACKENDS: tuple[str, ...] = get_args(UNetBackend)
 # Engine post-processing: "thread" overlaps it with the next steps, "inline" runs it
-# between steps (riffusion.engine.default_postprocess picks by device).
+# between steps (the pipeline's device policy picks the default: riffusion.device_policy).
 PostProcessMode = Literal["thread", "inline"]
 
 

@@ -56,7 +56,6 @@ from riffusion.contracts import (
     JobRefused,
     PostProcessMode,
 )
-from riffusion.device_policy import device_policy
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_groups
 from riffusion.schemas import GenerationJob
 from riffusion.step_plan import plan_step
@@ -71,7 +70,6 @@ __all__ = [
     "JobExpired",
     "JobRefused",
     "PostProcessMode",
-    "default_postprocess",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,12 +118,6 @@ class EngineJob:
     @property
     def wants_out(self) -> bool:
         return self.cancel_requested or self.future.cancelled()
-
-
-def default_postprocess(device: torch.device) -> PostProcessMode:
-    """The device policy's: overlap decode + Griffin-Lim with the next steps on a GPU;
-    between steps on a CPU, where both would compete for the same cores."""
-    return device_policy(device).postprocess
 
 
 def expected_steps(job: GenerationJob) -> int:

@@ -46,7 +46,7 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1)
     # Adaptive batching only: how long BentoML may hold a call to fill a batch.
     max_latency_ms: int = Field(default=60_000, ge=1)
-    # None picks by device (riffusion.engine.default_postprocess).
+    # None: the pipeline's device policy picks (riffusion.device_policy).
     postprocess: PostProcessMode | None = None
     api_key: str | None = None
     # "required": a missing RIFFUSION_API_KEY is a start-up error (the Bento's default);
