@@ -43,6 +43,22 @@ def request_timeout(header: bytes | None, default_s: float) -> float:
     return asked if 0 < asked < default_s else default_s
 
 
+class ResponseProgress:
+    """What an application has sent of its response, seen through ``send``."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.begun = False  # its status and headers are out
+        self.ended = False  # its last body message is out
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.begun = True
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.ended = True
+        await self._send(message)
+
+
 class RequestLifetime:
     """ASGI middleware: per-request deadline, and handler cancellation on client disconnect."""
 
@@ -78,24 +94,16 @@ class RequestLifetime:
                     disconnected.set()
             handler.cancel()
 
-        response = {"started": False, "ended": False}
-
-        async def tracked_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                response["started"] = True
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                response["ended"] = True
-            await send(message)
-
-        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
+        response = ResponseProgress(send)
+        handler = asyncio.ensure_future(self.app(scope, tracked_receive, response.send))
         watcher = asyncio.ensure_future(watch_client(handler))
         try:
             await handler
         except asyncio.CancelledError:
             if not disconnected.is_set():
                 raise  # cancelled by the server itself, not by the client leaving
-            if not response["ended"]:
-                await _end_abandoned(send, begun=response["started"])
+            if not response.ended:
+                await _end_abandoned(send, begun=response.begun)
         finally:
             watcher.cancel()
 

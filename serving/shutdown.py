@@ -27,9 +27,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from serving.errors import error_response
+from serving.request_lifetime import ResponseProgress
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Under BentoML's logger: its handler prints INFO lines in the server log (the root
 # logger, and so "riffusion.*", stays at WARNING under `bentoml serve`).
@@ -117,15 +118,8 @@ class DrainOnShutdown:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             await self.app(scope, receive, send)
             return
-        response_started = False
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
-        handler = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        response = ResponseProgress(send)
+        handler = asyncio.ensure_future(self.app(scope, receive, response.send))
         self.drain.track(handler)
         try:
             await handler
@@ -133,7 +127,7 @@ class DrainOnShutdown:
             current = asyncio.current_task()
             if not self.drain.expired or (current is not None and current.cancelling()):
                 raise  # cancelled for another reason (client gone): not ours to answer
-            if not response_started:
+            if not response.begun:
                 response = error_response(
                     503,
                     None,
