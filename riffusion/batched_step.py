@@ -380,6 +380,18 @@ class _EulerNoise(_SigmaStepper):
 
         return advance
 
+    @staticmethod
+    def euler_update(model_output: Tensor, sample: Tensor, sigma: Tensor, dt: Tensor) -> Tensor:
+        """The Euler schedulers' shared update, in one float32 buffer:
+
+        pred_original_sample = sample - sigma * model_output
+        derivative = (sample - pred_original_sample) / sigma
+        prev_sample = sample + derivative * dt
+        """
+        values = sigma * model_output
+        values = torch.sub(sample, values, out=values)  # pred_original_sample
+        return torch.sub(sample, values, out=values).div_(sigma).mul_(dt).add_(sample)
+
 
 class EulerStepper(_EulerNoise):
     """``EulerDiscreteScheduler`` with its default step arguments (no churn)."""
@@ -402,14 +414,8 @@ class EulerStepper(_EulerNoise):
         self, jobs: Sequence[StepJob], model_output: Tensor, latents: Tensor
     ) -> tuple[Tensor, Callable[[], None]]:
         sigma_hat, dt = per_sample([self._coefficients_for(job) for job in jobs], latents)
-        sample = latents.to(torch.float32)
-        # pred_original_sample = sample - sigma_hat * model_output
-        # derivative = (sample - pred_original_sample) / sigma_hat
-        # prev_sample = sample + derivative * dt, in one buffer:
-        values = sigma_hat * model_output
-        values = torch.sub(sample, values, out=values)  # pred_original_sample
-        torch.sub(sample, values, out=values).div_(sigma_hat).mul_(dt).add_(sample)
-        return values.to(model_output.dtype), self.advancing(jobs)
+        prev_sample = self.euler_update(model_output, latents.to(torch.float32), sigma_hat, dt)
+        return prev_sample.to(model_output.dtype), self.advancing(jobs)
 
 
 class EulerAncestralStepper(_EulerNoise):
@@ -436,13 +442,7 @@ class EulerAncestralStepper(_EulerNoise):
         self, jobs: Sequence[StepJob], model_output: Tensor, latents: Tensor
     ) -> tuple[Tensor, Callable[[], None]]:
         sigma, dt, sigma_up = per_sample([self._coefficients_for(job) for job in jobs], latents)
-        sample = latents.to(torch.float32)
-        # pred_original_sample = sample - sigma * model_output
-        # derivative = (sample - pred_original_sample) / sigma
-        # prev_sample = sample + derivative * dt, in one buffer:
-        prev_sample = sigma * model_output
-        prev_sample = torch.sub(sample, prev_sample, out=prev_sample)  # pred_original_sample
-        torch.sub(sample, prev_sample, out=prev_sample).div_(sigma).mul_(dt).add_(sample)
+        prev_sample = self.euler_update(model_output, latents.to(torch.float32), sigma, dt)
         shape = (1, *model_output.shape[1:])
         noise = torch.cat(  # each job's draw from its own generator
             [
