@@ -191,6 +191,12 @@ def _table(title: str, results: list[ListenerResult]) -> None:
 @click.option("--output", type=click.Path(path_type=Path), default=None)
 @click.option("--scenarios", default="ramp,mixed,steer", show_default=True)
 @click.option(
+    "--batching",
+    type=click.Choice(["continuous", "off", "adaptive"]),
+    default=None,
+    help="RIFFUSION_BATCHING; unset: the device's default (off on a CPU, continuous on a GPU).",
+)
+@click.option(
     "--emulate",
     type=click.Choice(["a10g", "h100", "zero"]),
     default=None,
@@ -206,6 +212,7 @@ def main(
     output: Path | None,
     scenarios: str,
     emulate: str | None,
+    batching: str | None,
 ) -> None:
     """Sessions: ramp with admission, mixed traffic, prompt change latency."""
     chosen = {name.strip() for name in scenarios.split(",")}
@@ -214,15 +221,16 @@ def main(
         "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
         "model": model,
         "emulated": emulate,
+        "batching": batching or "device default",
         "steps": steps,
     }
     if "ramp" in chosen:
-        with serve(model, 8, "continuous", extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env) as url:
             results = _run_listeners(url, listeners, ramp_every, steps, seconds)
         _table(f"ramp: a listener every {ramp_every:.0f} s, {seconds:.0f} s", results)
         report["ramp"] = [asdict(r) for r in results]
     if "mixed" in chosen:
-        with serve(model, 8, "continuous", extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env) as url:
             stop, traffic = threading.Event(), dict[str, Any]()
             thread = threading.Thread(target=_per_request_traffic, args=(url, steps, stop, traffic))
             thread.start()
@@ -251,7 +259,7 @@ def main(
                 )
         report["mixed"] = {"sessions": [asdict(r) for r in results], "per_request": traffic}
     if "steer" in chosen:
-        with serve(model, 8, "continuous", extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env) as url:
             report["steer"] = _steer(url, steps)
         console.print(f"steer: {report['steer']}")
     report["load_average_at_end"] = os.getloadavg()
