@@ -42,7 +42,7 @@ from riffusion.api_schemas import (
     data_url,
 )
 from riffusion.audio import Audio, AudioError, encode_audio
-from riffusion.schemas import GenerationJob, PromptInput, width_for_duration
+from riffusion.schemas import STEP_SIZE_MS, GenerationJob, PromptInput, width_for_duration
 from serving import answers, http
 from serving.checkpoint import HubCheckpoint, store_checkpoint
 from serving.errors import ApiError
@@ -64,6 +64,10 @@ from serving.worker_temp import use_private_temp_dir
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings()
+# The web app plays each clip while it asks for the next: a /run_inference/ clip is due
+# within one clip's length (riffusion's seed images are 512 px wide, 10 ms a column), the
+# engine's order after admitted listeners' clips, which were promised real time.
+WEB_APP_CLIP_S = 512 * STEP_SIZE_MS / 1000
 # BentoML's adaptive batching is chosen explicitly; the other modes share one API
 # (submit), and an unset mode is resolved by the model service from its device.
 ADAPTIVE = SETTINGS.batching == "adaptive"
@@ -323,15 +327,17 @@ class Riffusion:
         jobs: Sequence[GenerationJob],
         request_fields: dict[str, str] | None = None,
         init_audio: Sequence[Audio] | None = None,
+        due_s: float | None = None,
     ) -> list[ModelResult]:
-        """The jobs' results; ``ApiError`` for the first clip that failed.
+        """The jobs' results; ``ApiError`` for the first clip that failed; ``due_s``: when
+        the clips are due (the engine serves the ones due sooner first; default: deadline).
 
         ``request_fields`` maps the job fields the model service may name in an error
         (``start.prompt``) to the request's own (``prompt``); unmapped ones are named as is.
         """
         client = ModelClient(self.model, ADAPTIVE, SETTINGS.request_timeout_s)
         try:
-            return await client.generate(jobs, init_audio)
+            return await client.generate(jobs, init_audio, due_s=due_s)
         except ModelCallError as failure:
             raise failure.api_error(request_fields) from None
 
@@ -344,7 +350,7 @@ class Riffusion:
         """
         request = RunInferenceRequest.model_validate(fields)
         self._check_image_ids(request.seed_image_id, request.mask_image_id)
-        results = await self._generate([request.to_job()])
+        results = await self._generate([request.to_job()], due_s=WEB_APP_CLIP_S)
         [result] = results
         response = await anyio.to_thread.run_sync(answers.web_app_payload, result)
         ctx.response.metadata.update(answers.timing_headers(results))

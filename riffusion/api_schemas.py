@@ -410,7 +410,11 @@ class ModelRequest(BaseModel):
     due_s: float | None = Field(
         default=None,
         ge=0,
-        description="A listener's clip: seconds until their buffer runs dry (served first).",
+        description=(
+            "Seconds until the clip is due: a listener's buffer runs dry (with "
+            "listener_id: served before every clip not a listener's), or a web-app "
+            "clip has played."
+        ),
     )
     listener_id: str | None = Field(
         default=None, max_length=64, description="The admitted listener this clip is for."

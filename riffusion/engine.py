@@ -1,7 +1,8 @@
 """Real-time engine: step-level continuous batching with deadlines and cancellation.
 
 Submissions wait in a queue ordered by when they are due (earliest first; a job is
-due at its deadline unless its caller says it is due sooner). One thread owns
+due at its deadline unless its caller says it is due sooner), jobs whose caller was
+promised real time (an admitted listener's) before all others. One thread owns
 the pipeline on its device and repeats, at every step boundary:
 
 1. drop jobs whose caller went away (cancelled) or whose deadline has passed (expired),
@@ -94,6 +95,12 @@ class EngineJob:
     admitted_at: float | None = None  # time.monotonic() of its first step
     cancel_requested: bool = False
     answered: bool = False
+    promised: bool = False  # real time promised to its caller: served before the others
+
+    @property
+    def rank(self) -> tuple[bool, float]:
+        """The order it is served in: promised jobs first, then earliest due first."""
+        return (not self.promised, self.due)
 
     @property
     def prepared(self) -> JobState:
@@ -190,7 +197,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.step_times = StepTimes()
         self._lock = threading.Condition()  # over an RLock: submit_together nests submits
-        self._waiting: list[tuple[float, int, EngineJob]] = []  # heap by (deadline, order)
+        self._waiting: list[tuple[tuple[bool, float], int, EngineJob]] = []  # by (rank, order)
         self._running: list[EngineJob] = []
         self._jobs: dict[str, EngineJob] = {}
         self._order = itertools.count()
@@ -215,6 +222,7 @@ class Engine:
         job_id: str | None = None,
         due_s: float | None = None,
         waited_s: float = 0.0,
+        promised: bool = False,
     ) -> EngineJob:
         """Queue ``job`` to finish within ``timeout_s``; raises ``JobRefused`` if it cannot.
 
@@ -222,6 +230,8 @@ class Engine:
         it expire then: a listener's clip is due when their buffer runs dry, and still
         wanted a little after. ``waited_s``: how long the job already waited before it
         got here (it counts in its queue wait, not in its deadline, which ``timeout_s`` sets).
+        ``promised``: its caller was promised real time (an admitted listener): it is served
+        before every job not promised, whatever their due times.
         """
         now = time.monotonic()
         timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
@@ -232,6 +242,7 @@ class Engine:
             submitted_at=now - max(0.0, waited_s),
             due=now + (timeout if due_s is None else min(max(due_s, 0.0), timeout)),
             expected_steps=job.num_steps,
+            promised=promised,
             # Latent pixels, what one of its steps costs (seed images assumed 512 px wide).
             work=math.prod(job.latent_size(self.pipeline.vae_scale_factor)),
         )
@@ -247,22 +258,24 @@ class Engine:
                     retry_after_s=max(1.0, math.ceil(predicted_s - timeout)),
                 )
             self._jobs[entry.id] = entry
-            heapq.heappush(self._waiting, (entry.due, next(self._order), entry))
+            heapq.heappush(self._waiting, (entry.rank, next(self._order), entry))
             self._lock.notify_all()
         return entry
 
     def submit_together(
         self,
-        submissions: Sequence[tuple[GenerationJob, float | None, str | None, float, float | None]],
+        submissions: Sequence[
+            tuple[GenerationJob, float | None, str | None, float, float | None, bool]
+        ],
     ) -> list[EngineJob | JobRefused | EngineStopped]:
-        """``submit`` each ``(job, timeout_s, job_id, waited_s, due_s)`` at once: the engine
-        thread sees all of them at its next step boundary (a batch gathered elsewhere stays
-        one batch). A refused job gets its exception in its place."""
+        """``submit`` each ``(job, timeout_s, job_id, waited_s, due_s, promised)`` at once:
+        the engine thread sees all of them at its next step boundary (a batch gathered
+        elsewhere stays one batch). A refused job gets its exception in its place."""
         entries: list[EngineJob | JobRefused | EngineStopped] = []
         with self._lock:  # reentrant: each submit takes it again
-            for job, timeout_s, job_id, waited_s, due_s in submissions:
+            for job, timeout_s, job_id, waited_s, due_s, promised in submissions:
                 try:
-                    entries.append(self.submit(job, timeout_s, job_id, due_s, waited_s))
+                    entries.append(self.submit(job, timeout_s, job_id, due_s, waited_s, promised))
                 except (JobRefused, EngineStopped) as error:
                     entries.append(error)
         return entries
@@ -299,14 +312,14 @@ class Engine:
         times = self.step_times
         if not times.measured:
             return 0.0, 0.0
-        ahead = [e for _, _, e in self._waiting if e.due <= entry.due]
+        ahead = [e for _, _, e in self._waiting if e.rank <= entry.rank]
         # The step it would run in: the running jobs and those ahead, up to the batch limit.
         sharing = [*self._running, *ahead][: self.config.max_batch_size - 1]
         step_s = times.step_s(sum(e.work for e in sharing) + entry.work)
         slots = [e.steps_left * step_s for e in self._running]
         slots += [0.0] * (self.config.max_batch_size - len(slots))
         heapq.heapify(slots)
-        for other in sorted(ahead, key=lambda e: e.due):
+        for other in sorted(ahead, key=lambda e: e.rank):
             heapq.heappush(slots, heapq.heappop(slots) + other.expected_steps * step_s)
         start_s = slots[0]
         finish_s = start_s + entry.expected_steps * step_s + times.postprocess_s(entry.work)
@@ -337,7 +350,7 @@ class Engine:
     def _drop_unwanted(self, now: float) -> None:
         """Resolve cancelled and expired jobs, waiting or running, so they stop using the UNet."""
         with self._lock:
-            kept: list[tuple[float, int, EngineJob]] = []
+            kept = []
             for item in self._waiting:
                 if not self._dropped(item[2], now):
                     kept.append(item)
@@ -458,7 +471,9 @@ class Engine:
         """
         now = time.monotonic()
         with self._lock:
-            entries = sorted((e for e in entries if not self._dropped(e, now)), key=lambda e: e.due)
+            entries = sorted(
+                (e for e in entries if not self._dropped(e, now)), key=lambda e: e.rank
+            )
         # A GPU decodes and vocodes a group in one call for the price of one; on a CPU the
         # cost grows with every clip anyway, so each clip is answered as soon as it is done.
         batched = self.pipeline.policy.batch_together

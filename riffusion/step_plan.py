@@ -5,7 +5,8 @@ every running job shares every step. On a CPU a step costs about in proportion t
 jobs in it, so a clip due in seconds (a listener's) beside clips due in minutes (the web
 app's) would finish late. At every step boundary the engine asks ``plan_step``:
 
-1. order the running jobs earliest due first; the first one always steps;
+1. order the running jobs as the engine serves them (jobs promised real time, an
+   admitted listener's, first; then earliest due first); the first one always steps;
 2. take the next job too if stepping it beside those taken makes none of them late:
    predicted by running them to their ends (``finish_times``) with the measured cost of
    a step (a function of the work in it) and of post-processing (between steps on a CPU,
@@ -37,6 +38,9 @@ class Plannable(Protocol):
 
     @property
     def due(self) -> float: ...  # when it should be answered (time.monotonic())
+
+    @property
+    def rank(self) -> tuple[bool, float]: ...  # the order it is served in (promised first)
 
     @property
     def deadline(self) -> float: ...  # when it is dropped unanswered
@@ -93,7 +97,7 @@ def plan_step(
     running: Sequence[J], now: float, costs: Costs, inline_postprocess: bool
 ) -> StepPlan[J]:
     """Which of ``running`` step now and which are parked (see the module's docstring)."""
-    ordered = sorted(running, key=lambda job: job.due)  # stable: ties keep their order
+    ordered = sorted(running, key=lambda job: job.rank)  # stable: ties keep their order
     stepped: list[J] = []
     parked: list[J] = []
     planned: dict[int, float] = {}  # the stepped jobs' finish times

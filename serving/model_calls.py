@@ -149,6 +149,7 @@ async def run_in_engine(
                     request.job_id or None,
                     now - request.submitted_at,
                     request.due_s,
+                    request.listener_id is not None,  # an admitted listener: promised
                 )
                 for request, job in zip(requests, jobs, strict=True)
                 if not isinstance(job, Exception)
@@ -208,9 +209,11 @@ class ModelClient:
         """One result per job, in order; raises ``ModelCallError`` for the first clip that fails.
 
         ``init_audio``: each job's source clip (audio-to-audio), made into its init image
-        by the model service. ``due_s`` and ``listener_id``: a listener's clip, due when
-        their buffer runs dry. Clips run concurrently; when one fails or the caller is
-        cancelled, the others are cancelled too (in the model service as well).
+        by the model service. ``due_s``: when the clips are due (a web-app clip when it has
+        played); with ``listener_id``, an admitted listener's clip, due when their buffer
+        runs dry and served before every clip not a listener's. Clips run concurrently;
+        when one fails or the caller is cancelled, the others are cancelled too (in the
+        model service as well).
         """
         deadline = REQUEST_DEADLINE.get() or time.monotonic() + self.default_timeout_s
         clips: Sequence[Audio | None] = init_audio if init_audio is not None else [None] * len(jobs)

@@ -510,6 +510,30 @@ def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(
     assert all(clip.audio.num_frames > 0 for clip in clips)
 
 
+def test_a_job_promised_real_time_is_served_before_one_due_sooner_but_not_promised(
+    pipeline: PacedPipeline,
+) -> None:
+    """An admitted listener's clip (promised) due in a while goes before a web-app clip
+    due sooner; among the clips not promised, the one due sooner goes first."""
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    order: list[str] = []
+    try:
+        blocker = engine.submit(job("blocker", steps=6))
+        recorder.wait_steps(1)
+        entries = [
+            engine.submit(job("late", steps=2), timeout_s=300.0, job_id="request"),
+            engine.submit(job("web app", steps=2), 300.0, "web app", due_s=0.002),
+            engine.submit(job("listener", steps=2), 300.0, "listener", 30.0, promised=True),
+        ]
+        for entry in entries:
+            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
+        for entry in (blocker, *entries):
+            entry.future.result(timeout=60)
+    finally:
+        engine.stop()
+    assert order == ["listener", "web app", "request"]
+
+
 # --- step-level priority: a job due sooner is not made late by the ones due later -------------
 
 PER_JOB_S = 0.25  # what a step costs per job in it (cpu_like)
@@ -568,7 +592,7 @@ def listener_beside_requests(
     alone_s = alone.expected_steps * times.step_s(alone.work) + times.postprocess_s(alone.work)
     due_s = alone_s + 0.5 * alone.expected_steps * PER_JOB_S
     requests = [
-        (job(f"request {i}", seed=10 + i, steps=6), 300.0, f"request {i}", 0.0, None)
+        (job(f"request {i}", seed=10 + i, steps=6), 300.0, f"request {i}", 0.0, None, False)
         for i in range(3)
     ]
     listener = (
@@ -577,6 +601,7 @@ def listener_beside_requests(
         "listener",
         0.0,
         due_s if with_due else None,
+        with_due,  # a listener's clip: promised real time
     )
     entries = [e for e in engine.submit_together([*requests, listener]) if isinstance(e, EngineJob)]
     assert len(entries) == 4

@@ -22,6 +22,11 @@ class Job:
     steps_left: int
     work: int = 4096
     deadline: float = NOW + 300.0
+    promised: bool = False
+
+    @property
+    def rank(self) -> tuple[bool, float]:
+        return (not self.promised, self.due)
 
 
 class Costs:
@@ -110,6 +115,30 @@ def test_a_parked_job_steps_regardless_when_waiting_would_make_it_miss_its_deadl
     urgent = Job("request", due=NOW + 2.0, deadline=NOW + 2.0, steps_left=10)
     plan = plan_step([urgent, listener], NOW, CPU, inline_postprocess=True)
     assert names(plan.stepped) == ["listener", "request"] and not plan.parked
+
+
+def test_a_listener_promised_real_time_comes_before_clips_due_sooner_but_not_promised() -> None:
+    """A web-app clip is due when its clip would have played (seconds), sooner than a
+    listener's with a buffer ahead; but the admitted listener was promised real time: it
+    steps first, and the web-app clip is parked while it would make the listener late."""
+    listener = Job("listener", due=NOW + 1.4, steps_left=5, promised=True)
+    web_app = Job("web app", due=NOW + 1.0, steps_left=5)
+    plan = plan_step([web_app, listener], NOW, CPU, inline_postprocess=True)
+    assert names(plan.stepped) == ["listener"] and names(plan.parked) == ["web app"]
+    # Not promised, the listener would be served after the clip due sooner.
+    listener.promised = False
+    plan = plan_step([web_app, listener], NOW, CPU, inline_postprocess=True)
+    assert names(plan.stepped) == ["web app"] and names(plan.parked) == ["listener"]
+
+
+def test_among_clips_not_promised_one_due_sooner_parks_those_that_would_make_it_late() -> None:
+    """Web-app clips due when they would have played: the earlier one is not slowed into
+    lateness by a later arrival, which waits (the later one is still well within its
+    deadline)."""
+    first = Job("web app 1", due=NOW + 1.4, steps_left=5)
+    second = Job("web app 2", due=NOW + 6.5, steps_left=10)
+    plan = plan_step([second, first], NOW, CPU, inline_postprocess=True)
+    assert names(plan.stepped) == ["web app 1"] and names(plan.parked) == ["web app 2"]
 
 
 def test_before_any_step_is_measured_everyone_steps() -> None:
