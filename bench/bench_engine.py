@@ -229,6 +229,14 @@ def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
 @click.option("--steps", type=click.IntRange(1, 150), default=20, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--capacity-clips", type=int, default=8, show_default=True)
+@click.option(
+    "--capacity",
+    "given_capacity",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Clips/s that loads are fractions of, instead of measuring it (runs of two trees "
+    "offered the same rates).",
+)
 @click.option("--deadline-s", type=float, default=5.12, show_default=True)
 @click.option(
     "--abandon-clips",
@@ -263,6 +271,7 @@ def main(
     steps: int,
     max_batch_size: int,
     capacity_clips: int,
+    given_capacity: float | None,
     deadline_s: float,
     abandon_clips: int,
     abandon_after_s: float,
@@ -291,7 +300,10 @@ def main(
             urls[mode] = servers.enter_context(
                 serve(model, max_batch_size, batching, extra_env=extra_env)
             )
-        if load_list:
+        if load_list and given_capacity is not None:
+            capacity = given_capacity
+            console.print(f"capacity (given): {capacity:.3f} clips/s")
+        elif load_list:
             capacity = asyncio.run(measure_capacity(urls[mode_list[0]], steps, capacity_clips))
             console.print(f"closed-loop capacity ({mode_list[0]}): {capacity:.3f} clips/s")
         # Interleaved: every (round, load) runs each mode's window back to back, in an order
