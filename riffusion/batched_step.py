@@ -112,14 +112,17 @@ class BatchedStepper(ABC):
 
 def per_sample(rows: Sequence[Coefficients], like: Tensor) -> list[Tensor]:
     """n rows of K coefficients -> K tensors of shape (n, 1, 1, 1) in ``like``'s dtype/device."""
-    table = to_device(torch.tensor(rows, dtype=like.dtype), like.device)  # (n, K)
-    return list(table.T.reshape(-1, len(rows), 1, 1, 1).unbind())
+    columns = list(zip(*rows, strict=True))  # K columns of n coefficients
+    table = to_device(torch.tensor(columns, dtype=like.dtype), like.device)  # (K, n)
+    return list(table.reshape(-1, len(rows), 1, 1, 1).unbind())
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     """A small CPU tensor on ``device`` without waiting for the device: a blocking copy to
     a GPU would first wait for the UNet forward queued before it, so the step's
     remaining CPU work could no longer overlap with it."""
+    if device.type == "cpu":
+        return tensor
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -150,13 +153,17 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
     of one tensor (what a batch's jobs keep of its last step while the batch stays the
     same), else a copy. Callers never write into the result."""
     first = tensors[0]
+    if len(tensors) == 1 and first.shape[0] == 1:
+        return first
     row = first.numel()
     if first.is_contiguous() and first.shape[0] == 1:
-        storage = first.untyped_storage().data_ptr()
+        storage = first.untyped_storage()
         start, row_bytes = first.data_ptr(), row * first.element_size()
-        if all(
-            tensor.untyped_storage().data_ptr() == storage
-            and tensor.data_ptr() == start + index * row_bytes
+        # Rows inside first's storage: a tensor that starts at one is in that storage
+        # (live storages never overlap), so addresses, shapes and layout are enough.
+        inside = start + len(tensors) * row_bytes <= storage.data_ptr() + storage.nbytes()
+        if inside and all(
+            tensor.data_ptr() == start + index * row_bytes
             and tensor.shape == first.shape
             and tensor.is_contiguous()
             for index, tensor in enumerate(tensors)
