@@ -396,8 +396,8 @@ class Engine:
 
     def _plan(self) -> list[EngineJob]:
         """The running jobs that take the next step (the others are parked for it)."""
-        if not self.config.step_priority:
-            return list(self._running)
+        if not self.config.step_priority or len(self._running) < 2:
+            return list(self._running)  # a job alone always steps (``plan_step``'s rule 1)
         inline = self.config.postprocess == "inline"
         plan = plan_step(self._running, time.monotonic(), self.step_times, inline)
         if plan.parked:

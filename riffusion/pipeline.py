@@ -42,7 +42,14 @@ import torch
 from torch import Tensor
 
 from riffusion.audio import Audio, normalize_loudness
-from riffusion.batched_step import BatchedStepper, StepJob, stacked, to_device
+from riffusion.batched_step import (
+    BatchedStepper,
+    StepJob,
+    constant,
+    row_views,
+    stacked,
+    to_device,
+)
 from riffusion.contracts import InvalidJobError
 from riffusion.device_policy import device_policy
 from riffusion.heap import release_freed_memory
@@ -392,8 +399,8 @@ class RiffusionPipeline:
         latents = stacked([s.latents for s in batch])  # (B, 4, h, w); read, never written
         latent_model_input = self._scale_model_input(batch, groups, latents)  # (B, 4, h, w)
         latent_model_input = torch.cat([latent_model_input, latent_model_input])  # (2B, 4, h, w)
-        values = [s.schedule.timestep_values[s.steps_done] for s in batch]
-        timesteps = to_device(torch.tensor(values * 2, dtype=torch.float32), self.device)  # (2B,)
+        values = [s.schedule.timestep_values[s.steps_done] for s in batch] * 2
+        timesteps = constant(values, (-1,), torch.float32, self.device)  # (2B,); never written
 
         noise_pred = self.unet_forward(
             latent_model_input.to(self.dtype), timesteps, constants.text_embeddings
@@ -498,7 +505,7 @@ class RiffusionPipeline:
                 state.step_generator.set_state(generator_state)
             raise
         advance()
-        for state, state_latents in zip(states, stepped.split(1), strict=True):
+        for state, state_latents in zip(states, row_views(stepped), strict=True):
             state.steps_done += 1
             # A row of the group's tensor; a finished job's own copy, not the whole group's.
             state.latents = state_latents.clone() if state.finished else state_latents
