@@ -51,7 +51,7 @@ from serving.model_calls import ModelCallError, ModelClient, run_in_engine
 from serving.openapi import document_api
 from serving.service_info import describe_service
 from serving.sessions import ModelListenerGate, SessionConfig, SessionHub, encode_clip
-from serving.settings import ServiceSettings
+from serving.settings import ServiceSettings, default_batching, engine_batch_size
 from serving.shutdown import ShutdownDrain
 from serving.startup_checks import (
     announce_when_ready,
@@ -64,11 +64,9 @@ from serving.worker_temp import use_private_temp_dir
 
 logger = logging.getLogger("riffusion.service")
 SETTINGS = ServiceSettings()
-# Jobs per denoising step: `off` is the engine with a running batch of one; BentoML's
-# adaptive batching needs room for two.
-ENGINE_BATCH_SIZE = {"off": 1, "adaptive": max(2, SETTINGS.max_batch_size)}.get(
-    SETTINGS.batching, SETTINGS.max_batch_size
-)
+# BentoML's adaptive batching is chosen explicitly; the other modes share one API
+# (submit), and an unset mode is resolved by the model service from its device.
+ADAPTIVE = SETTINGS.batching == "adaptive"
 # This process's shutdown: SIGTERM starts RIFFUSION_SHUTDOWN_GRACE_S, at whose end the
 # requests still running are answered 503 + Retry-After (serving/shutdown.py).
 DRAIN = ShutdownDrain(SETTINGS.shutdown_grace_s)
@@ -91,10 +89,11 @@ http.close_bentoml_input_paths()
 class RiffusionModel:
     """Holds the diffusion pipeline on the accelerator; every job runs in the real-time engine.
 
-    ``RIFFUSION_BATCHING`` says how jobs reach it: ``continuous`` (default) through
-    ``submit``, joining the running batch at the next step; ``off`` the same with a
-    running batch of one; ``adaptive`` through ``submit_batch``, batches BentoML gathers
-    entering the engine together, one batch at a time. ``cancel`` drops jobs in all three.
+    ``RIFFUSION_BATCHING`` says how jobs reach it: ``continuous`` (a GPU's default)
+    through ``submit``, joining the running batch at the next step; ``off`` (a CPU's
+    default) the same with a running batch of one; ``adaptive`` through
+    ``submit_batch``, batches BentoML gathers entering the engine together, one batch at
+    a time. ``cancel`` drops jobs in all three.
     """
 
     # Declared so that the Bento carries the checkpoint (serving/checkpoint.py): a hub id
@@ -137,15 +136,17 @@ class RiffusionModel:
             )
         refuse_tiny_on_gpu(self.pipeline.describe(), SETTINGS.allow_tiny_on_gpu)
         self.warm_up_s = self.pipeline.warm_up()  # before ready: the first request pays nothing
+        self.batching = SETTINGS.batching or default_batching(self.pipeline.policy.denoise_together)
+        batch_size = engine_batch_size(self.batching, SETTINGS.max_batch_size)
         config = EngineConfig(
-            max_batch_size=ENGINE_BATCH_SIZE,
+            max_batch_size=batch_size,
             postprocess=SETTINGS.postprocess or self.pipeline.policy.postprocess,
             default_timeout_s=SETTINGS.request_timeout_s,
         )
         self.engine = Engine(self.pipeline, config, EngineMetrics(self.pipeline.unet_forward))
         self.admission = ListenerAdmission(
             self.engine.step_times,
-            max_batch_size=ENGINE_BATCH_SIZE,
+            max_batch_size=batch_size,
             overlapped_postprocess=config.postprocess == "thread",
             utilization=SETTINGS.session_utilization,
             max_listeners=SETTINGS.session_max_listeners,
@@ -181,16 +182,16 @@ class RiffusionModel:
     def _description(self) -> dict[str, Any]:
         return {
             **self.pipeline.describe(),
-            "batching": SETTINGS.batching,
+            "batching": self.batching,
             "max_batch_size": SETTINGS.max_batch_size,
             "warm_up_s": round(self.warm_up_s, 3),
         }
 
-    if SETTINGS.batching == "adaptive":
+    if ADAPTIVE:
 
         @bentoml.api(
             batchable=True,
-            max_batch_size=ENGINE_BATCH_SIZE,
+            max_batch_size=engine_batch_size("adaptive", SETTINGS.max_batch_size),
             max_latency_ms=SETTINGS.max_latency_ms,
         )
         async def submit_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
@@ -258,7 +259,7 @@ class Riffusion:
         self._model_info: dict[str, Any] | None = None
         self.sessions = SessionHub(
             ModelListenerGate(
-                ModelClient(self.model, SETTINGS.batching, SETTINGS.request_timeout_s),
+                ModelClient(self.model, ADAPTIVE, SETTINGS.request_timeout_s),
                 self._check_image_ids,
             ),
             encode_clip,
@@ -328,7 +329,7 @@ class Riffusion:
         ``request_fields`` maps the job fields the model service may name in an error
         (``start.prompt``) to the request's own (``prompt``); unmapped ones are named as is.
         """
-        client = ModelClient(self.model, SETTINGS.batching, SETTINGS.request_timeout_s)
+        client = ModelClient(self.model, ADAPTIVE, SETTINGS.request_timeout_s)
         try:
             return await client.generate(jobs, init_audio)
         except ModelCallError as failure:

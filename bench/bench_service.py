@@ -56,7 +56,7 @@ class LevelResult:
 def serve(
     model: str,
     max_batch_size: int,
-    batching: str = "adaptive",
+    batching: str | None = "adaptive",  # None: the device's default
     timeout_s: float = 300,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[str]:

@@ -53,6 +53,8 @@ class ListenerResult:
     first_clip_s: float | None = None
     # Per clip: due_in_s when asked, asked_to_sent_s, and the model service's timings.
     clip_timings: list[dict[str, float]] = field(default_factory=list)
+    ended_by: str = ""  # client (the run's end), closed, reconnect
+    errors: list[dict[str, Any]] = field(default_factory=list)  # the server's error messages
 
 
 def _listen(url: str, index: int, steps: int, until: float, result: ListenerResult) -> None:
@@ -72,6 +74,8 @@ def _listen(url: str, index: int, steps: int, until: float, result: ListenerResu
         result.clips = listener.report.clips
         result.underruns = listener.report.underruns
         result.first_clip_s = listener.report.first_clip_s
+        result.ended_by = listener.report.ended_by
+        result.errors = listener.report.errors
 
 
 def _run_listeners(
@@ -94,8 +98,14 @@ def _run_listeners(
     return results
 
 
-def _per_request_traffic(url: str, steps: int, stop: threading.Event, out: dict[str, Any]) -> None:
-    """Web-app style: up to three /run_inference/ requests in flight, back to back."""
+def _per_request_traffic(
+    url: str, steps: int, stop: threading.Event, out: dict[str, Any], delay_s: float = 0.0
+) -> None:
+    """Web-app style: up to three /run_inference/ requests in flight, back to back,
+    from ``delay_s`` on."""
+    out.update(requests=0, failures=0, latencies=[])
+    if stop.wait(delay_s):
+        return
     latencies: list[float] = []
     failures = 0
     lock = threading.Lock()
@@ -165,6 +175,7 @@ def _table(title: str, results: list[ListenerResult]) -> None:
         "clips",
         "underruns",
         "silence s",
+        "ended by",
     ):
         table.add_column(column, justify="right")
     for r in results:
@@ -177,8 +188,12 @@ def _table(title: str, results: list[ListenerResult]) -> None:
             str(r.clips),
             str(len(r.underruns)),
             f"{sum(r.underruns):.1f}",
+            r.ended_by + (f" ({len(r.errors)} errors)" if r.errors else ""),
         )
     console.print(table)
+    for r in results:
+        for error in r.errors:
+            console.print(f"listener {r.index}: {error}")
 
 
 @click.command()
@@ -188,8 +203,21 @@ def _table(title: str, results: list[ListenerResult]) -> None:
 @click.option("--ramp-every", default=30.0, show_default=True, help="Ramp: seconds between joins.")
 @click.option("--seconds", default=240.0, show_default=True, help="Length of each scenario.")
 @click.option("--mixed-sessions", default=2, show_default=True)
+@click.option(
+    "--traffic-after",
+    default=0.0,
+    show_default=True,
+    help="Mixed: seconds before the per-request traffic starts (after the listeners joined: "
+    "it must not degrade them).",
+)
 @click.option("--output", type=click.Path(path_type=Path), default=None)
 @click.option("--scenarios", default="ramp,mixed,steer", show_default=True)
+@click.option(
+    "--batching",
+    type=click.Choice(["continuous", "off", "adaptive"]),
+    default=None,
+    help="RIFFUSION_BATCHING; unset: the device's default (off on a CPU, continuous on a GPU).",
+)
 @click.option(
     "--emulate",
     type=click.Choice(["a10g", "h100", "zero"]),
@@ -203,9 +231,11 @@ def main(
     ramp_every: float,
     seconds: float,
     mixed_sessions: int,
+    traffic_after: float,
     output: Path | None,
     scenarios: str,
     emulate: str | None,
+    batching: str | None,
 ) -> None:
     """Sessions: ramp with admission, mixed traffic, prompt change latency."""
     chosen = {name.strip() for name in scenarios.split(",")}
@@ -214,17 +244,20 @@ def main(
         "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
         "model": model,
         "emulated": emulate,
+        "batching": batching or "device default",
         "steps": steps,
     }
     if "ramp" in chosen:
-        with serve(model, 8, "continuous", extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env) as url:
             results = _run_listeners(url, listeners, ramp_every, steps, seconds)
         _table(f"ramp: a listener every {ramp_every:.0f} s, {seconds:.0f} s", results)
         report["ramp"] = [asdict(r) for r in results]
     if "mixed" in chosen:
-        with serve(model, 8, "continuous", extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env) as url:
             stop, traffic = threading.Event(), dict[str, Any]()
-            thread = threading.Thread(target=_per_request_traffic, args=(url, steps, stop, traffic))
+            thread = threading.Thread(
+                target=_per_request_traffic, args=(url, steps, stop, traffic, traffic_after)
+            )
             thread.start()
             results = _run_listeners(url, mixed_sessions, 5.0, steps, seconds)
             stop.set()
@@ -232,7 +265,11 @@ def main(
             # Whether step-level priority acted: job-steps sat out for a job due sooner.
             parked = metric_total(url, "riffusion_engine_parked_job_steps_total")
             traffic["parked_job_steps"] = parked
-        _table(f"mixed: {mixed_sessions} sessions beside per-request traffic", results)
+        _table(
+            f"mixed: {mixed_sessions} sessions beside per-request traffic "
+            f"(from {traffic_after:.0f} s)",
+            results,
+        )
         latencies = sorted(traffic.pop("latencies"))
         for name, q in (("p50_s", 0.5), ("p95_s", 0.95)):
             traffic[name] = (
@@ -251,7 +288,7 @@ def main(
                 )
         report["mixed"] = {"sessions": [asdict(r) for r in results], "per_request": traffic}
     if "steer" in chosen:
-        with serve(model, 8, "continuous", extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env) as url:
             report["steer"] = _steer(url, steps)
         console.print(f"steer: {report['steer']}")
     report["load_average_at_end"] = os.getloadavg()

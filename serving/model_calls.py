@@ -40,7 +40,6 @@ from riffusion.schemas import GenerationJob
 from serving.errors import ApiError
 from serving.metrics import CLIP_LATENCY, CLIPS_IN_FLIGHT
 from serving.request_lifetime import REQUEST_DEADLINE
-from serving.settings import BatchingMode
 
 if TYPE_CHECKING:
     from riffusion.engine import Engine, EngineJob
@@ -193,9 +192,9 @@ _PENDING_CANCELS: set[asyncio.Task[Any]] = set()
 class ModelClient:
     """The API service's handle on the model service (``bentoml.depends`` object)."""
 
-    def __init__(self, model: Any, mode: BatchingMode, default_timeout_s: float) -> None:
+    def __init__(self, model: Any, adaptive: bool, default_timeout_s: float) -> None:
         self.model = model
-        self.mode = mode
+        self.adaptive = adaptive  # the model service exposes submit_batch, not submit
         self.default_timeout_s = default_timeout_s
 
     async def generate(
@@ -258,7 +257,7 @@ class ModelClient:
 
         for attempt in (1, 2):
             try:
-                if self.mode == "adaptive":
+                if self.adaptive:
                     [answer] = await self.model.to_async.submit_batch([request])
                 else:
                     answer = await self.model.to_async.submit(request)

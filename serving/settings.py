@@ -22,6 +22,18 @@ from riffusion.contracts import PostProcessMode, UNetBackend
 BatchingMode = Literal["continuous", "adaptive", "off"]
 
 
+def default_batching(denoise_together: bool) -> BatchingMode:
+    """The mode when RIFFUSION_BATCHING is unset: the device policy's (continuous on a
+    GPU, off on a CPU: riffusion.device_policy)."""
+    return "continuous" if denoise_together else "off"
+
+
+def engine_batch_size(batching: BatchingMode, max_batch_size: int) -> int:
+    """Jobs per denoising step: ``off`` is the engine with a running batch of one;
+    BentoML's adaptive batching needs room for two."""
+    return {"off": 1, "adaptive": max(2, max_batch_size)}.get(batching, max_batch_size)
+
+
 class ServiceSettings(BaseSettings):
     """Service configuration (README, "Configuration", documents each variable)."""
 
@@ -42,7 +54,8 @@ class ServiceSettings(BaseSettings):
     emulate: Literal["a10g", "h100", "zero"] | None = None
     allow_emulation: bool = False
     device: str | None = None
-    batching: BatchingMode = "continuous"
+    # None: the device policy picks (default_batching).
+    batching: BatchingMode | None = None
     max_batch_size: int = Field(default=8, ge=1)
     # Adaptive batching only: how long BentoML may hold a call to fill a batch.
     max_latency_ms: int = Field(default=60_000, ge=1)

@@ -26,6 +26,9 @@ def limited_env(tmp: Path) -> dict[str, str | None]:
     """A tiny-model instance with an API key and small limits."""
     return {
         "RIFFUSION_API_KEY": API_KEY,
+        # Clips share steps (a GPU's default), which the isolation and cancellation
+        # checks need: a CPU's default runs one clip at a time.
+        "RIFFUSION_BATCHING": "continuous",
         "RIFFUSION_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
         "RIFFUSION_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "RIFFUSION_MAX_BATCH_SIZE": "8",

@@ -93,7 +93,7 @@ def test_the_check_sees_torch_when_it_is_imported() -> None:
 
 @pytest.mark.parametrize(
     ("mode", "jobs_api"),
-    [("continuous", "submit"), ("off", "submit"), ("adaptive", "submit_batch")],
+    [("continuous", "submit"), ("off", "submit"), ("adaptive", "submit_batch"), ("", "submit")],
 )
 def test_the_model_service_exposes_only_its_modes_api(mode: str, jobs_api: str) -> None:
     """One way in per mode: ``submit`` (the engine) or ``submit_batch`` (BentoML batches for it);

@@ -1,9 +1,10 @@
 """Every batching mode runs its jobs through the model service's one path: the engine.
 
-``continuous`` is served by most test modules; here ``off`` (the engine with a running
-batch of one) and ``adaptive`` (BentoML's batches entering the engine together), each
-on an instance of its own, answer concurrent clips, count them in the engine's
-metrics; the API worker never maps torch.
+``continuous`` (a GPU's default) is served by the modules that test batching; here the
+default on this CPU, ``off`` (the engine with a running batch of one: its best latency
+tail, docs/benchmarks.md "CPU default batching"), and ``adaptive`` (BentoML's batches
+entering the engine together), each on an instance of its own, answer concurrent clips,
+count them in the engine's metrics; the API worker never maps torch.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def _service_name(process: psutil.Process) -> str | None:
     return command[command.index("--service-name") + 1]
 
 
-@pytest.mark.parametrize("mode", ["off", "adaptive"])
-def test_each_mode_answers_through_the_engine(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("setting", "mode"), [(None, "off"), ("adaptive", "adaptive")])
+def test_each_mode_answers_through_the_engine(
+    tmp_path: Path, setting: str | None, mode: str
+) -> None:
+    """``setting`` unset: the device's default, ``off`` on a CPU."""
     env = {
-        "RIFFUSION_BATCHING": mode,
+        "RIFFUSION_BATCHING": setting,
         "RIFFUSION_API_KEY": None,
         "RIFFUSION_MAX_LATENCY_MS": "600000",  # adaptive: batch rather than refuse CPU clips
         "BENTOML_HOME": str(tmp_path / "bentoml"),

@@ -43,6 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve")
     env = {
         "RIFFUSION_API_KEY": API_KEY,
+        "RIFFUSION_BATCHING": "continuous",  # a GPU's default; a CPU's runs clips one by one
         "RIFFUSION_MAX_BATCH_SIZE": "8",
         # CPU clips take seconds: a generous deadline so the dispatcher batches, not refuses.
         "RIFFUSION_MAX_LATENCY_MS": "600000",
