@@ -55,9 +55,15 @@ class StepJob(NamedTuple):
 
     scheduler: Any  # the job's own diffusers scheduler, stepped
     noiser: Any  # its never-stepped twin, for ``add_noise`` by timestep
-    timestep: Tensor  # 0-d: the job's timestep at this step
-    timestep_value: int | float  # the same, as a Python number (cache key)
+    timesteps: Tensor  # the job's timesteps, first to last
+    step: int  # the step it takes now (an index into ``timesteps``)
+    timestep_value: int | float  # its timestep, as a Python number (cache key)
     generator: torch.Generator  # the job's own, for samplers that draw noise
+
+    @property
+    def timestep(self) -> Tensor:
+        """0-d: the job's timestep at this step (made only where a stepper needs it)."""
+        return self.timesteps[self.step]
 
 
 class BatchedStepper(ABC):

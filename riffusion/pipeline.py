@@ -129,7 +129,7 @@ class JobState:
 
     @property
     def num_steps(self) -> int:
-        return self.schedule.num_steps
+        return len(self.schedule.timestep_values)  # a list's length: read at every step
 
     @property
     def finished(self) -> bool:
@@ -678,7 +678,8 @@ def step_job(state: JobState) -> StepJob:
     return StepJob(
         scheduler=schedule.scheduler,
         noiser=schedule.noiser,
-        timestep=schedule.timesteps[state.steps_done],
+        timesteps=schedule.timesteps,
+        step=state.steps_done,
         timestep_value=schedule.timestep_values[state.steps_done],
         generator=state.step_generator,
     )
