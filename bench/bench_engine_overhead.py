@@ -40,6 +40,9 @@ the stand-in's sleep is printed too. Both scheduler-stepping paths can run:
 
     uv run --frozen --all-extras python -m bench.bench_engine_overhead
 
+On a GPU host, ``--device cuda`` runs the same with the latents on the GPU (the engine
+on its CPU, the arithmetic queued on the device): the figure that replaces the model.
+
 Prints one JSON row per batch, latent size and path; per batch and path the modelled
 device traffic; per path and latent size the fit overhead = a + b x jobs; and a summary
 per batch: host overhead against 5 % of the emulated H100 step. Timings on a loaded
@@ -282,6 +285,7 @@ def h100_step_ms(jobs: int) -> float:
 @click.option("--rounds", type=click.IntRange(1, 10), default=2, show_default=True)
 @click.option("--paths", default="batched", show_default=True, help="of: per-job, batched")
 @click.option("--sizes", default="64x64,8x8", show_default=True, help="of: 64x64, 8x8 (host)")
+@click.option("--device", default="cpu", show_default=True, help="where the latents live")
 @click.option(
     "--scheduler",
     type=click.Choice([name.value for name in SchedulerName]),
@@ -295,12 +299,13 @@ def main(
     rounds: int,
     paths: str,
     sizes: str,
+    device: str,
     scheduler: str | None,
 ) -> None:
     """Overhead per step beyond the UNet, per batch size, latent size and stepping path."""
     torch.set_num_threads(1)  # the engine's own work is what is measured, not BLAS threads
     kind = SchedulerName(scheduler) if scheduler else None
-    components = build_tiny_components(device="cpu")
+    components = build_tiny_components(device=device)
     size_names = [name.strip() for name in sizes.split(",")]
     path_names = [name.strip() for name in paths.split(",")]
     pipelines: dict[str, RiffusionPipeline] = {}
