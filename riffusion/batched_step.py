@@ -30,10 +30,11 @@ thresholding, other prediction types) have no stepper: the pipeline steps them a
 
 from __future__ import annotations
 
+import functools
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from diffusers import (
@@ -49,15 +50,20 @@ from torch import Tensor
 Coefficients = tuple[float, ...]
 
 
-@dataclass(frozen=True)
-class StepJob:
-    """What a stepper needs of one job for one step."""
+class StepJob(NamedTuple):
+    """What a stepper needs of one job for one step (built for every job at every step)."""
 
     scheduler: Any  # the job's own diffusers scheduler, stepped
     noiser: Any  # its never-stepped twin, for ``add_noise`` by timestep
-    timestep: Tensor  # 0-d: the job's timestep at this step
-    timestep_value: int | float  # the same, as a Python number (cache key)
+    timesteps: Tensor  # the job's timesteps, first to last
+    step: int  # the step it takes now (an index into ``timesteps``)
+    timestep_value: int | float  # its timestep, as a Python number (cache key)
     generator: torch.Generator  # the job's own, for samplers that draw noise
+
+    @property
+    def timestep(self) -> Tensor:
+        """0-d: the job's timestep at this step (made only where a stepper needs it)."""
+        return self.timesteps[self.step]
 
 
 class BatchedStepper(ABC):
@@ -111,18 +117,46 @@ class BatchedStepper(ABC):
 
 
 def per_sample(rows: Sequence[Coefficients], like: Tensor) -> list[Tensor]:
-    """n rows of K coefficients -> K tensors of shape (n, 1, 1, 1) in ``like``'s dtype/device."""
-    table = to_device(torch.tensor(rows, dtype=like.dtype), like.device)  # (n, K)
-    return list(table.T.reshape(-1, len(rows), 1, 1, 1).unbind())
+    """n rows of K coefficients -> K tensors of shape (n, 1, 1, 1) in ``like``'s dtype/device
+    (shared: never written)."""
+    columns = [value for column in zip(*rows, strict=True) for value in column]
+    table = constant(columns, (-1, len(rows), 1, 1, 1), like.dtype, like.device)  # (K, n, ...)
+    return list(table.unbind())
+
+
+def constant(
+    values: Sequence[float], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``torch.tensor(values, dtype=dtype).reshape(shape)`` on ``device``, made once per
+    distinct values (a bounded cache): a step's coefficients and timesteps recur for every
+    job that reaches the same point of the same schedule, so most steps build none and,
+    on a GPU, copy none to it. The tensor is shared between callers: never written."""
+    packed = struct.pack(f"{len(values)}d", *values)  # exact: -0.0 and 0.0 differ
+    return _constant(packed, shape, dtype, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _constant(
+    packed: bytes, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    values = struct.unpack(f"{len(packed) // 8}d", packed)
+    return to_device(torch.tensor(values, dtype=dtype).reshape(shape), device)
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     """A small CPU tensor on ``device`` without waiting for the device: a blocking copy to
     a GPU would first wait for the UNet forward queued before it, so the step's
     remaining CPU work could no longer overlap with it."""
+    if device.type == "cpu":
+        return tensor
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def row_views(tensor: Tensor) -> tuple[Tensor, ...]:
+    """(n, ...) -> n views of shape (1, ...): ``tensor.split(1)``, in two C calls."""
+    return tensor.unsqueeze(1).unbind()
 
 
 def by_phase(phases: Sequence[Hashable]) -> dict[Hashable, list[int]]:
@@ -150,13 +184,17 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
     of one tensor (what a batch's jobs keep of its last step while the batch stays the
     same), else a copy. Callers never write into the result."""
     first = tensors[0]
+    if len(tensors) == 1 and first.shape[0] == 1:
+        return first
     row = first.numel()
     if first.is_contiguous() and first.shape[0] == 1:
-        storage = first.untyped_storage().data_ptr()
+        storage = first.untyped_storage()
         start, row_bytes = first.data_ptr(), row * first.element_size()
-        if all(
-            tensor.untyped_storage().data_ptr() == storage
-            and tensor.data_ptr() == start + index * row_bytes
+        # Rows inside first's storage: a tensor that starts at one is in that storage
+        # (live storages never overlap), so addresses, shapes and layout are enough.
+        inside = start + len(tensors) * row_bytes <= storage.data_ptr() + storage.nbytes()
+        if inside and all(
+            tensor.data_ptr() == start + index * row_bytes
             and tensor.shape == first.shape
             and tensor.is_contiguous()
             for index, tensor in enumerate(tensors)
@@ -266,7 +304,7 @@ class PLMSStepper(_AlphasCumprodNoise):
 
         def advance() -> None:
             for job, output, job_sample in zip(
-                jobs, model_output.split(1), latents.split(1), strict=True
+                jobs, row_views(model_output), row_views(latents), strict=True
             ):
                 scheduler = job.scheduler
                 if scheduler.counter != 1:
@@ -565,7 +603,7 @@ class DPMSolverStepper(_SigmaStepper):
         prev_sample = assemble(parts, n)
 
         def advance() -> None:
-            for job, output in zip(jobs, x0_pred.split(1), strict=True):
+            for job, output in zip(jobs, row_views(x0_pred), strict=True):
                 scheduler = job.scheduler
                 order = scheduler.config.solver_order
                 for i in range(order - 1):

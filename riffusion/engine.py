@@ -147,6 +147,8 @@ class StepTimes:
         self._work: dict[int, float] = {}  # bucket -> average work of a step
         self._postprocess_per_work = 0.0
         self._skipped_first = False
+        self._version = 0  # steps observed: the fitted line is redone after each
+        self._line: tuple[int, float, float] | None = None  # (version, overhead, slope)
 
     @property
     def measured(self) -> bool:
@@ -159,6 +161,7 @@ class StepTimes:
         bucket = _bucket(work)
         self._seconds[bucket] = _ewma(self._seconds.get(bucket), seconds)
         self._work[bucket] = _ewma(self._work.get(bucket), work)
+        self._version += 1
 
     def observe_postprocess(self, work: int, seconds: float) -> None:
         self._postprocess_per_work = _ewma(self._postprocess_per_work or None, seconds / work)
@@ -167,13 +170,20 @@ class StepTimes:
         """Predicted seconds of a step over ``work`` latent pixels (0 before any measurement)."""
         if len(self._seconds) < 2:
             return next(iter(self._seconds.values()), 0.0)
+        # The step plan asks many times between two steps: the line is fitted once.
+        version, line = self._version, self._line
+        if line is None or line[0] != version:
+            line = self._line = (version, *self._fit())
+        return line[1] + line[2] * work
+
+    def _fit(self) -> tuple[float, float]:
+        """(overhead, slope) of the line through the buckets' averages."""
         points = [(self._work[b], self._seconds[b]) for b in self._seconds]
         mean_w = sum(w for w, _ in points) / len(points)
         mean_s = sum(t for _, t in points) / len(points)
         spread = sum((w - mean_w) ** 2 for w, _ in points)
         slope = max(0.0, sum((w - mean_w) * (t - mean_s) for w, t in points) / spread)
-        overhead = max(0.0, mean_s - slope * mean_w)
-        return overhead + slope * work
+        return max(0.0, mean_s - slope * mean_w), slope
 
     def postprocess_s(self, work: int) -> float:
         return work * self._postprocess_per_work
@@ -399,8 +409,8 @@ class Engine:
 
     def _plan(self) -> list[EngineJob]:
         """The running jobs that take the next step (the others are parked for it)."""
-        if not self.config.step_priority:
-            return list(self._running)
+        if not self.config.step_priority or len(self._running) < 2:
+            return list(self._running)  # a job alone always steps (``plan_step``'s rule 1)
         inline = self.config.postprocess == "inline"
         plan = plan_step(self._running, time.monotonic(), self.step_times, inline)
         if plan.parked:

@@ -162,6 +162,25 @@ def test_a_job_can_switch_between_stepped_together_and_alone_mid_way(
         assert torch.equal(state.latents, alone(pipeline, job, batched=False))
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["together", "alone"])
+def test_a_job_that_takes_a_leaving_jobs_place_steps_with_its_own_inputs(
+    pipeline: RiffusionPipeline, batched: bool
+) -> None:
+    """A batch's text embeddings and guidance are built once while its jobs stay the same:
+    when a job joins as another leaves (a batch of the same size), the step uses the
+    newcomer's own prompt and guidance, not the leaver's."""
+    base = jobs_for(None)[0]
+    leaver = base.model_copy(update={"num_inference_steps": 3})
+    stayer = base.model_copy(update={"start": DRUMS, "num_inference_steps": 8})
+    newcomer = base.model_copy(
+        update={"start": JAZZ.model_copy(update={"prompt": "harp", "guidance": 11.0})}
+    )
+    jobs = [leaver, stayer, newcomer]
+    states = drive(pipeline, jobs, joins=[0, 0, 3], batched=lambda step: batched)
+    for job, state in zip(jobs, states, strict=True):
+        assert torch.equal(state.latents, alone(pipeline, job, batched=False))
+
+
 @pytest.mark.parametrize("scheduler", [SchedulerName.dpm_multistep, SchedulerName.euler_ancestral])
 def test_a_failed_batched_step_leaves_every_job_as_it_was(
     pipeline: RiffusionPipeline, monkeypatch: pytest.MonkeyPatch, scheduler: SchedulerName
