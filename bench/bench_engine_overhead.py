@@ -219,6 +219,7 @@ def run_jobs(
                     None,
                     0.0,
                     None,
+                    False,
                 )
                 for index in range(jobs)
             ]

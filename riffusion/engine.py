@@ -140,9 +140,11 @@ class StepTimes:
     power-of-two bucket of work and a line is fitted through the buckets; with one
     bucket measured, its time is used as it is. Both err on the side of accepting a
     job: one that then cannot make its deadline expires rather than waiting forever.
+    The engine thread observes while callers' threads predict: a lock keeps them apart.
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._seconds: dict[int, float] = {}  # bucket -> average seconds of a step
         self._work: dict[int, float] = {}  # bucket -> average work of a step
         self._postprocess_per_work = 0.0
@@ -159,21 +161,23 @@ class StepTimes:
             self._skipped_first = True
             return
         bucket = _bucket(work)
-        self._seconds[bucket] = _ewma(self._seconds.get(bucket), seconds)
-        self._work[bucket] = _ewma(self._work.get(bucket), work)
-        self._version += 1
+        with self._lock:
+            self._seconds[bucket] = _ewma(self._seconds.get(bucket), seconds)
+            self._work[bucket] = _ewma(self._work.get(bucket), work)
+            self._version += 1
 
     def observe_postprocess(self, work: int, seconds: float) -> None:
         self._postprocess_per_work = _ewma(self._postprocess_per_work or None, seconds / work)
 
     def step_s(self, work: int) -> float:
         """Predicted seconds of a step over ``work`` latent pixels (0 before any measurement)."""
-        if len(self._seconds) < 2:
-            return next(iter(self._seconds.values()), 0.0)
-        # The step plan asks many times between two steps: the line is fitted once.
-        version, line = self._version, self._line
-        if line is None or line[0] != version:
-            line = self._line = (version, *self._fit())
+        with self._lock:
+            if len(self._seconds) < 2:
+                return next(iter(self._seconds.values()), 0.0)
+            # The step plan asks many times between two steps: the line is fitted once.
+            version, line = self._version, self._line
+            if line is None or line[0] != version:
+                line = self._line = (version, *self._fit())
         return line[1] + line[2] * work
 
     def _fit(self) -> tuple[float, float]:
