@@ -59,8 +59,10 @@ def serve(
     batching: str | None = "adaptive",  # None: the device's default
     timeout_s: float = 300,
     extra_env: dict[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> Iterator[str]:
-    """A local server without an API key; yields its base URL once /readyz answers."""
+    """A local server without an API key; yields its base URL once /readyz answers.
+    ``log_path``: where its log is kept (by default it goes with its temporary home)."""
     with tempfile.TemporaryDirectory() as home:
         env: dict[str, str | None] = {
             **(extra_env or {}),
@@ -71,7 +73,8 @@ def serve(
             "RIFFUSION_API_KEY": None,
             "BENTOML_HOME": home,
         }
-        with LocalServer(Path(home) / "serve.log", model, env, timeout_s) as server:
+        log = log_path or Path(home) / "serve.log"
+        with LocalServer(log, model, env, timeout_s) as server:
             yield server.url
 
 

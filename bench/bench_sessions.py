@@ -211,6 +211,12 @@ def _table(title: str, results: list[ListenerResult]) -> None:
     "it must not degrade them).",
 )
 @click.option("--output", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep each scenario's server log here (<scenario>.log).",
+)
 @click.option("--scenarios", default="ramp,mixed,steer", show_default=True)
 @click.option(
     "--batching",
@@ -233,12 +239,17 @@ def main(
     mixed_sessions: int,
     traffic_after: float,
     output: Path | None,
+    log_dir: Path | None,
     scenarios: str,
     emulate: str | None,
     batching: str | None,
 ) -> None:
     """Sessions: ramp with admission, mixed traffic, prompt change latency."""
     chosen = {name.strip() for name in scenarios.split(",")}
+
+    def logs(scenario: str) -> Path | None:
+        return None if log_dir is None else log_dir / f"{scenario}.log"
+
     env = {"RIFFUSION_EMULATE": emulate} if emulate else {}
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
@@ -248,12 +259,12 @@ def main(
         "steps": steps,
     }
     if "ramp" in chosen:
-        with serve(model, 8, batching, extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env, log_path=logs("ramp")) as url:
             results = _run_listeners(url, listeners, ramp_every, steps, seconds)
         _table(f"ramp: a listener every {ramp_every:.0f} s, {seconds:.0f} s", results)
         report["ramp"] = [asdict(r) for r in results]
     if "mixed" in chosen:
-        with serve(model, 8, batching, extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env, log_path=logs("mixed")) as url:
             stop, traffic = threading.Event(), dict[str, Any]()
             thread = threading.Thread(
                 target=_per_request_traffic, args=(url, steps, stop, traffic, traffic_after)
@@ -288,7 +299,7 @@ def main(
                 )
         report["mixed"] = {"sessions": [asdict(r) for r in results], "per_request": traffic}
     if "steer" in chosen:
-        with serve(model, 8, batching, extra_env=env) as url:
+        with serve(model, 8, batching, extra_env=env, log_path=logs("steer")) as url:
             report["steer"] = _steer(url, steps)
         console.print(f"steer: {report['steer']}")
     report["load_average_at_end"] = os.getloadavg()
