@@ -48,6 +48,7 @@ from serving.checkpoint import HubCheckpoint, store_checkpoint
 from serving.errors import ApiError
 from serving.metrics import EngineMetrics, forget_dead_processes, publish_device_load
 from serving.model_calls import ModelCallError, ModelClient, run_in_engine
+from serving.model_connections import rotate_sessions_gracefully
 from serving.openapi import document_api
 from serving.service_info import describe_service
 from serving.sessions import ModelListenerGate, SessionConfig, SessionHub, encode_clip
@@ -479,6 +480,10 @@ http.install(
         document_api(spec), bearer_auth=bool(SETTINGS.api_key), public_paths=http.PUBLIC_PATHS
     ),
 )
+# The API's client renews its connections to the model service without dropping the
+# clips in flight on the old ones (serving/model_connections.py); BentoML's client waits
+# 1 % past the model service's timeout, so the old ones are closed after that.
+rotate_sessions_gracefully(SETTINGS.request_timeout_s * 1.01 + 1.0)
 # The model service drops a clip as soon as its caller (the API service) hangs up, and
 # answers what is left at the end of the shutdown grace.
 http.install_model_service(

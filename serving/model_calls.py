@@ -273,7 +273,9 @@ class ModelClient:
                     raise _unavailable(
                         "the model service is not answering (restarting?); retry shortly"
                     ) from error
-                logger.warning("model service connection dropped; retrying the clip once")
+                logger.warning(
+                    "model service connection dropped (%r); retrying the clip once", error
+                )
             except TimeoutError as error:
                 raise ModelCallError(
                     ModelError(status=504, message="the model service timed out")
