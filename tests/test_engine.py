@@ -124,6 +124,26 @@ def make_engine(
     return Engine(pipeline, config, recorder), recorder
 
 
+def served_order(
+    pipeline: RiffusionPipeline, submit: Callable[[Engine], list[EngineJob]]
+) -> tuple[list[str], Recorder]:
+    """The ids of the jobs ``submit`` queues, in the order a one-slot engine answers
+    them: they all wait behind a job already running."""
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    order: list[str] = []
+    try:
+        blocker = engine.submit(job("blocker", steps=6))
+        recorder.wait_steps(1)
+        entries = submit(engine)
+        for entry in entries:
+            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
+        for entry in [blocker, *entries]:
+            assert entry.future.result(timeout=60).audio.num_frames > 0
+    finally:
+        engine.stop()
+    return order, recorder
+
+
 def job(
     prompt: str = "smooth jazz",
     seed: int = 1,
@@ -207,22 +227,14 @@ def test_same_job_twice_is_deterministic_and_joining_at_step_zero_changes_nothin
 
 
 def test_waiting_jobs_are_admitted_earliest_deadline_first(pipeline: PacedPipeline) -> None:
-    engine, recorder = make_engine(pipeline, max_batch_size=1)
-    order: list[str] = []
-    try:
-        blocker = engine.submit(job("blocker", steps=6))
-        recorder.wait_steps(1)
-        # Submitted latest-deadline first; one slot, so they run one by one.
-        entries = [
+    # Submitted latest-deadline first; one slot, so they run one by one.
+    order, _ = served_order(
+        pipeline,
+        lambda engine: [
             engine.submit(job(f"job {timeout}", steps=2), timeout_s=timeout, job_id=str(timeout))
             for timeout in (300.0, 200.0, 250.0, 100.0)
-        ]
-        for entry in entries:
-            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
-        for entry in [blocker, *entries]:
-            entry.future.result(timeout=60)
-    finally:
-        engine.stop()
+        ],
+    )
     assert order == ["100.0", "200.0", "250.0", "300.0"]
 
 
@@ -490,24 +502,16 @@ def test_step_times_fit_overhead_plus_work_and_skip_the_warm_up_step() -> None:
 def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(
     pipeline: PacedPipeline,
 ) -> None:
-    engine, recorder = make_engine(pipeline, max_batch_size=1)
-    order: list[str] = []
-    try:
-        blocker = engine.submit(job("blocker", steps=6))
-        recorder.wait_steps(1)
-        # Same deadline (the request timeout); a listener's clip says when it is due.
-        later = engine.submit(job("per request", steps=2), timeout_s=300.0, job_id="request")
-        due = engine.submit(
-            job("listener", steps=2), timeout_s=300.0, job_id="listener", due_s=0.001
-        )
-        for entry in (later, due):
-            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
-        clips = [entry.future.result(timeout=60) for entry in (blocker, due, later)]
-    finally:
-        engine.stop()
+    # Same deadline (the request timeout); a listener's clip says when it is due.
+    order, recorder = served_order(
+        pipeline,
+        lambda engine: [
+            engine.submit(job("per request", steps=2), timeout_s=300.0, job_id="request"),
+            engine.submit(job("listener", steps=2), 300.0, "listener", due_s=0.001),
+        ],
+    )
     assert order == ["listener", "request"]
     assert recorder.outcomes == {"completed": 3}  # due long before it ran, still completed
-    assert all(clip.audio.num_frames > 0 for clip in clips)
 
 
 def test_a_job_promised_real_time_is_served_before_one_due_sooner_but_not_promised(
@@ -515,22 +519,14 @@ def test_a_job_promised_real_time_is_served_before_one_due_sooner_but_not_promis
 ) -> None:
     """An admitted listener's clip (promised) due in a while goes before a web-app clip
     due sooner; among the clips not promised, the one due sooner goes first."""
-    engine, recorder = make_engine(pipeline, max_batch_size=1)
-    order: list[str] = []
-    try:
-        blocker = engine.submit(job("blocker", steps=6))
-        recorder.wait_steps(1)
-        entries = [
+    order, _ = served_order(
+        pipeline,
+        lambda engine: [
             engine.submit(job("late", steps=2), timeout_s=300.0, job_id="request"),
             engine.submit(job("web app", steps=2), 300.0, "web app", due_s=0.002),
             engine.submit(job("listener", steps=2), 300.0, "listener", 30.0, promised=True),
-        ]
-        for entry in entries:
-            entry.future.add_done_callback(lambda _f, name=entry.id: order.append(name))
-        for entry in (blocker, *entries):
-            entry.future.result(timeout=60)
-    finally:
-        engine.stop()
+        ],
+    )
     assert order == ["listener", "web app", "request"]
 
 
