@@ -149,8 +149,7 @@ class StepTimes:
         self._work: dict[int, float] = {}  # bucket -> average work of a step
         self._postprocess_per_work = 0.0
         self._skipped_first = False
-        self._version = 0  # steps observed: the fitted line is redone after each
-        self._line: tuple[int, float, float] | None = None  # (version, overhead, slope)
+        self._line: tuple[float, float] | None = None  # (overhead, slope); None: refit
 
     @property
     def measured(self) -> bool:
@@ -164,7 +163,7 @@ class StepTimes:
         with self._lock:
             self._seconds[bucket] = _ewma(self._seconds.get(bucket), seconds)
             self._work[bucket] = _ewma(self._work.get(bucket), work)
-            self._version += 1
+            self._line = None
 
     def observe_postprocess(self, work: int, seconds: float) -> None:
         self._postprocess_per_work = _ewma(self._postprocess_per_work or None, seconds / work)
@@ -175,10 +174,10 @@ class StepTimes:
             if len(self._seconds) < 2:
                 return next(iter(self._seconds.values()), 0.0)
             # The step plan asks many times between two steps: the line is fitted once.
-            version, line = self._version, self._line
-            if line is None or line[0] != version:
-                line = self._line = (version, *self._fit())
-        return line[1] + line[2] * work
+            if self._line is None:
+                self._line = self._fit()
+            overhead, slope = self._line
+        return overhead + slope * work
 
     def _fit(self) -> tuple[float, float]:
         """(overhead, slope) of the line through the buckets' averages."""
@@ -364,10 +363,7 @@ class Engine:
     def _drop_unwanted(self, now: float) -> None:
         """Resolve cancelled and expired jobs, waiting or running, so they stop using the UNet."""
         with self._lock:
-            kept = []
-            for item in self._waiting:
-                if not self._dropped(item[2], now):
-                    kept.append(item)
+            kept = [item for item in self._waiting if not self._dropped(item[2], now)]
             if len(kept) != len(self._waiting):
                 heapq.heapify(kept)
                 self._waiting = kept

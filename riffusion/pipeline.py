@@ -48,7 +48,6 @@ from riffusion.batched_step import (
     constant,
     row_views,
     stacked,
-    to_device,
 )
 from riffusion.contracts import InvalidJobError
 from riffusion.device_policy import device_policy
@@ -440,12 +439,11 @@ class RiffusionPipeline:
                 torch.stack([e[1] for e in embeddings]),
             ]
         ).to(self.dtype)  # (2B, T, D): unconditional half, then conditional half
-        guidance_tensor = torch.tensor(guidance, dtype=torch.float32)
         self._last_batch = _BatchConstants(
             embeddings=embeddings,
             guidance_values=guidance,
             text_embeddings=text_embeddings,
-            guidance=to_device(guidance_tensor, self.device).reshape(-1, 1, 1, 1),
+            guidance=constant(guidance, (-1, 1, 1, 1), torch.float32, self.device),
         )
         return self._last_batch
 

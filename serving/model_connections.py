@@ -21,23 +21,23 @@ import asyncio
 import time
 from typing import Any
 
-_PATCHED = "_riffusion_graceful_rotation"  # on the class: patched once
+_GRACE = "_riffusion_retire_grace_s"  # on the class, once patched: the grace in seconds
 _RETIRED = "_riffusion_retired_sessions"  # on each client: session -> its closing timer
-_GRACE_S = [300.0]  # the grace of the last call
 
 
 def rotate_sessions_gracefully(grace_s: float) -> None:
     """Make BentoML's dependency clients retire renewed sessions for ``grace_s``."""
     from _bentoml_impl.client.proxy2 import SessionManager
 
-    _GRACE_S[0] = grace_s
-    if getattr(SessionManager, _PATCHED, False):
+    patched = hasattr(SessionManager, _GRACE)
+    setattr(SessionManager, _GRACE, grace_s)
+    if patched:
         return
 
     async def get_session(self: Any) -> Any:
         if self._session is None or self._should_refresh():
             if self._session is not None:
-                _retire(self, self._session, _GRACE_S[0])
+                _retire(self, self._session, getattr(self, _GRACE))
             self._session = self._make_client()
             self._created_at = time.monotonic()
             self._request_count = 0
@@ -55,7 +55,6 @@ def rotate_sessions_gracefully(grace_s: float) -> None:
 
     SessionManager.get_session = get_session
     SessionManager.close = close
-    setattr(SessionManager, _PATCHED, True)
 
 
 def _retired(manager: Any) -> dict[Any, asyncio.TimerHandle]:
