@@ -215,6 +215,7 @@ class Engine:
         self._jobs: dict[str, EngineJob] = {}
         self._order = itertools.count()
         self._stopping = False
+        self._reported_queue: tuple[int, int] | None = None  # last (waiting, running) reported
         self._postprocess_queue: queue.Queue[list[EngineJob] | None] = queue.Queue()
         self._threads = [threading.Thread(target=self._loop, name="riffusion-engine", daemon=True)]
         if self.config.postprocess == "thread":
@@ -347,7 +348,7 @@ class Engine:
                     if not self._running and not self._waiting:
                         if self._stopping:
                             break
-                        self.observer.on_queue(0, 0)
+                        self._report_queue()
                         self._lock.wait()
                         continue
                 now = time.monotonic()
@@ -456,9 +457,11 @@ class Engine:
                 self._resolve(by_state[id(state)], "failed", error)
 
     def _report_queue(self) -> None:
-        with self._lock:
-            waiting = len(self._waiting)
-        self.observer.on_queue(waiting, len(self._running))
+        """Tell the observer the queue lengths when they changed (most steps change neither)."""
+        lengths = (len(self._waiting), len(self._running))  # len() of a list is atomic
+        if lengths != self._reported_queue:
+            self._reported_queue = lengths
+            self.observer.on_queue(*lengths)
 
     # --- post-processing -------------------------------------------------------------------------
 

@@ -401,9 +401,12 @@ class RiffusionPipeline:
         values = [s.schedule.timestep_values[s.steps_done] for s in batch] * 2
         timesteps = constant(values, (-1,), torch.float32, self.device)  # (2B,); never written
 
-        noise_pred = self.unet_forward(
-            latent_model_input.to(self.dtype), timesteps, constants.text_embeddings
-        ).float()  # (2B, 4, h, w)
+        noise_pred = as_dtype(
+            self.unet_forward(
+                as_dtype(latent_model_input, self.dtype), timesteps, constants.text_embeddings
+            ),
+            torch.float32,
+        )  # (2B, 4, h, w)
         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)  # (B, 4, h, w) each
 
         for stepper, rows in groups.items():
@@ -493,7 +496,9 @@ class RiffusionPipeline:
         """
         jobs = [step_job(state) for state in states]
         # A failed step must not have drawn from a job's generator either.
-        generator_states = [s.step_generator.get_state() for s in states if stepper.draws_noise]
+        generator_states = (
+            [s.step_generator.get_state() for s in states] if stepper.draws_noise else []
+        )
         try:
             stepped, advance = self._step_tensors(
                 stepper, jobs, states, *predictions, latents, guidance
@@ -683,9 +688,14 @@ def step_job(state: JobState) -> StepJob:
     )
 
 
+def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without a call when it has that dtype already (fp32 runs)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def rows_of(tensor: Tensor, rows: list[int]) -> Tensor:
-    """``tensor[rows]``, without a copy when ``rows`` is every row in order."""
-    if len(rows) == tensor.shape[0] and rows == list(range(len(rows))):
+    """``tensor[rows]`` for ascending, distinct ``rows``; without a copy when that is every row."""
+    if len(rows) == tensor.shape[0]:  # ascending and distinct: 0, 1, ..., n - 1
         return tensor
     return tensor[rows]
 

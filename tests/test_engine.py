@@ -10,6 +10,7 @@ tolerance of tests/test_pipeline.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import Counter
@@ -71,6 +72,11 @@ class Recorder(EngineObserver):
         self.parked = 0  # job-steps sat out
         self.parked_at_step: list[tuple[int, int]] = []  # (steps run before, jobs parked)
         self.deadline_misses = 0
+        self.queue_reports: list[tuple[int, int]] = []  # (waiting, running), as reported
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        with self.lock:
+            self.queue_reports.append((waiting, running))
 
     def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
         self.batch_sizes.append(batch_size)
@@ -204,6 +210,27 @@ def test_a_job_that_joins_mid_way_matches_the_job_alone(pipeline: PacedPipeline)
     # They really shared forwards: some steps ran all four jobs.
     assert max(recorder.batch_sizes) == len(jobs)
     assert recorder.outcomes == {"completed": len(jobs)}
+
+
+def test_queue_lengths_are_reported_when_they_change_not_at_every_step(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=1)
+    try:
+        first, second = engine.submit(job(steps=8)), engine.submit(job(seed=2, steps=8))
+        for entry in (first, second):
+            entry.future.result(timeout=60)
+        deadline = time.monotonic() + 30
+        while recorder.queue_reports[-1:] != [(0, 0)]:  # idle again, and said so
+            assert time.monotonic() < deadline, recorder.queue_reports
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    reports = recorder.queue_reports
+    assert len(recorder.batch_sizes) >= 16  # 8 steps each (PLMS adds a warm-up step)
+    assert all(earlier != later for earlier, later in itertools.pairwise(reports)), reports
+    assert (0, 1) in reports  # the second job running alone
+    assert len(reports) <= 5  # (1, 1) or (0, 1) before, (0, 1) between, (0, 0) after
 
 
 def test_same_job_twice_is_deterministic_and_joining_at_step_zero_changes_nothing(
