@@ -28,10 +28,14 @@ The stages, in order; each runs in its own process group under its own time budg
    continuous and adaptive, shared by the two stages after it;
 7. ``served``: bench.bench_engine open loop at 80 % of capacity, the web app's body
    (50 steps, denoising 0.75), continuous vs adaptive -> ``served.json``;
-8. ``listeners``: load_tests.run, ``WebAppListener`` ramp per mode -> ``listeners.json``.
+8. ``listeners``: load_tests.run, ``WebAppListener`` ramp per mode -> ``listeners.json``;
+9. ``overhead``: with the servers stopped, bench/bench_engine_overhead.py on the device
+   (the engine's and pipeline's own work per step, the UNet a 20 ms sleep, every
+   other tensor on the GPU: what the GPU machine's host pays per step) ->
+   ``overhead.jsonl``; last, in the time the others left.
 
 ``summary.json`` records each stage's status (ok, failed, timeout, skipped), seconds
-and budget. Seven files in all (the lent machine returns at most 8).
+and budget. Eight files in all (the lent machine returns at most 8).
 
 What cannot travel: torch, CUDA and the other packages the machine already has
 (they are used as found: torch 2.11 there, the project pins 2.10). Without locust
@@ -324,10 +328,11 @@ def plan(kit: Kit, model_dir: Path) -> None:
     # The dry run's budgets hold on a 2-core machine at load average 12.
     budgets = (
         {"install": 60, "env": 90, "cuda_tests": 180, "pipeline": 400, "model": 30}
-        | {"serve": 240, "served": 150, "listeners": 120}
+        | {"serve": 240, "served": 150, "listeners": 120, "overhead": 90}
         if dry
         else {"install": 40, "env": 15, "cuda_tests": 100, "pipeline": 120, "model": 45}
         | {"serve": 90, "served": 60, "listeners": 35}  # listeners: per mode
+        | {"overhead": 45}  # last: in what the others left
     )
 
     if kit.no_install:
@@ -426,29 +431,53 @@ def plan(kit: Kit, model_dir: Path) -> None:
     modes = ["continuous"] if dry else ["continuous", "adaptive"]
     with contextlib.ExitStack() as servers:
         urls = serve_modes(kit, model, modes, budgets["serve"], began, servers)
-        if not urls:
+        if urls:
+            run_served(kit, py, model, urls, dry, steps, budgets, began)
+        else:
             kit.skip("served", "no server")
             kit.skip("listeners", "no server")
-            kit.write_summary(began)
-            return
-        served = [py, "-m", "bench.bench_engine", "--model", model, "--modes", ",".join(modes)]
-        served += ["--rounds", "1", "--abandon-clips", "0", "--steps", steps]
-        served += [arg for mode, url in urls.items() for arg in ("--url", f"{mode}={url}")]
-        # The dry run overloads on purpose: a few arrivals in a short window, whatever the
-        # machine's capacity (about 6 expected on a loaded 2-core machine).
-        served += (
-            ["--loads", "4.0", "--seconds", "10", "--capacity-clips", "2"]
-            if dry
-            else ["--loads", "0.8", "--seconds", "20", "--capacity-clips", "8"]
-        )
-        served += ["--output", str(kit.out / "served.json")]
-        kit.run(Stage("served", served, budgets["served"]), began)
 
-        if not _has_module("locust", kit.env):
-            kit.skip("listeners", "locust is not installed (its wheels did not travel)")
-        else:
-            run_listeners(kit, urls, dry, steps, budgets["listeners"], began)
+    # With the servers stopped, the host to itself: the engine's own work per step, the
+    # UNet a 20 ms sleep and every other tensor on the device.
+    overhead = [py, "-m", "bench.bench_engine_overhead", "--rounds", "1" if dry else "2"]
+    overhead += (
+        ["--device", "cpu", "--batches", "1", "--steps", "8", "--sizes", "8x8"]
+        if dry
+        else ["--device", "cuda", "--steps", "30", "--sizes", "64x64"]
+    )
+    kit.run(Stage("overhead", overhead, budgets["overhead"], output="overhead.jsonl"), began)
     kit.write_summary(began)
+
+
+def run_served(
+    kit: Kit,
+    py: str,
+    model: str,
+    urls: dict[str, str],
+    dry: bool,
+    steps: str,
+    budgets: dict[str, int],
+    began: float,
+) -> None:
+    """The open loop and the listener ramp against the servers at ``urls``."""
+    modes = list(urls)
+    served = [py, "-m", "bench.bench_engine", "--model", model, "--modes", ",".join(modes)]
+    served += ["--rounds", "1", "--abandon-clips", "0", "--steps", steps]
+    served += [arg for mode, url in urls.items() for arg in ("--url", f"{mode}={url}")]
+    # The dry run overloads on purpose: a few arrivals in a short window, whatever the
+    # machine's capacity (about 6 expected on a loaded 2-core machine).
+    served += (
+        ["--loads", "4.0", "--seconds", "10", "--capacity-clips", "2"]
+        if dry
+        else ["--loads", "0.8", "--seconds", "20", "--capacity-clips", "8"]
+    )
+    served += ["--output", str(kit.out / "served.json")]
+    kit.run(Stage("served", served, budgets["served"]), began)
+
+    if not _has_module("locust", kit.env):
+        kit.skip("listeners", "locust is not installed (its wheels did not travel)")
+    else:
+        run_listeners(kit, urls, dry, steps, budgets["listeners"], began)
 
 
 def build_wheels(directory: Path) -> int:

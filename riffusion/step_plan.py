@@ -11,7 +11,11 @@ app's) would finish late. At every step boundary the engine asks ``plan_step``:
    predicted by running them to their ends (``finish_times``) with the measured cost of
    a step (a function of the work in it) and of post-processing (between steps on a CPU,
    where it delays everyone; overlapped with the steps on a GPU). A job that is late
-   anyway counts as made late when the newcomer slows it by more than ``MATERIAL``;
+   anyway counts as made late when the newcomer slows it by more than ``MATERIAL``,
+   unless stepping them together lowers the worst lateness among them (a device whose
+   batches cost less than their jobs one after another, in a burst where every clip is
+   late: parked, the newcomer would be later still) and the job slowed is not one
+   promised real time beside a newcomer that is not;
 3. otherwise park it and every job due after it: a parked job keeps its state and its
    slot, loses no work, and is planned again at the next step, so it resumes as soon as
    the jobs due sooner are safe. A job that would miss its deadline (and be dropped) if
@@ -38,6 +42,9 @@ class Plannable(Protocol):
 
     @property
     def due(self) -> float: ...  # when it should be answered (time.monotonic())
+
+    @property
+    def promised(self) -> bool: ...  # real time promised to its caller (a listener's clip)
 
     @property
     def rank(self) -> tuple[bool, float]: ...  # the order it is served in (promised first)
@@ -103,11 +110,11 @@ def plan_step(
     planned: dict[int, float] = {}  # the stepped jobs' finish times
     for job in ordered:
         trial = finish_times([*stepped, job], now, costs, inline_postprocess)
-        if not parked and not _makes_late(stepped, planned, trial, now):
-            stepped, planned = [*stepped, job], trial
-            continue
         # Parked: it resumes once the jobs taken are done, behind those parked before it.
         resume = max(planned.values(), default=now)
+        if not parked and not _harms(stepped, planned, trial, now, job, costs, inline_postprocess):
+            stepped, planned = [*stepped, job], trial
+            continue
         waited = finish_times([*parked, job], resume, costs, inline_postprocess)
         if waited[id(job)] > job.deadline:  # parking would drop it: it steps regardless
             stepped = [*stepped, job]
@@ -117,18 +124,39 @@ def plan_step(
     return StepPlan(stepped, parked)
 
 
-def _makes_late(
+def _harms(
     stepped: Sequence[Plannable],
     before: dict[int, float],
     after: dict[int, float],
     now: float,
+    newcomer: Plannable,
+    costs: Costs,
+    inline_postprocess: bool,
 ) -> bool:
-    """Whether ``after`` makes a job of ``stepped`` late that ``before`` had on time, or
-    slows one that is late anyway by more than ``MATERIAL``."""
+    """Whether stepping ``newcomer`` beside ``stepped`` (their finish times ``before`` ->
+    ``after``) makes a job of ``stepped`` late that was on time, or slows one late anyway
+    by more than ``MATERIAL`` without lowering the worst lateness (against ``newcomer``
+    parked until their last step), or slows a promised one for a newcomer not promised."""
+    slowed = []  # late anyway, and slowed materially
     for job in stepped:
         was, will = before[id(job)], after[id(job)]
         if will <= job.due or will <= was:
             continue
-        if was <= job.due or will - was > MATERIAL * (was - now):
+        if was <= job.due:
             return True
-    return False
+        if will - was > MATERIAL * (was - now):
+            slowed.append(job)
+    if not slowed:
+        return False
+    if any(job.promised and not newcomer.promised for job in slowed):
+        return True
+    # Parked, it would start when their steps end (their post-processing, where it runs
+    # beside the steps, delays nobody).
+    steps_end = max(
+        before[id(job)] - (0.0 if inline_postprocess else costs.postprocess_s(job.work))
+        for job in stepped
+    )
+    alone = finish_times([newcomer], steps_end, costs, inline_postprocess)[id(newcomer)]
+    worst_parked = max(alone - newcomer.due, *(before[id(j)] - j.due for j in stepped))
+    worst_together = max(after[id(j)] - j.due for j in [*stepped, newcomer])
+    return worst_together >= worst_parked

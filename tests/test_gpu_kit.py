@@ -57,6 +57,7 @@ def test_the_dry_run_runs_every_stage_and_writes_its_figures(tmp_path: Path) -> 
         "serve": "ok",
         "served": "ok",
         "listeners_continuous": "ok",
+        "overhead": "ok",
     }, log[-3000:]
     assert result.returncode == 0
     # At most 8 files come back from the lent machine.
@@ -69,6 +70,7 @@ def test_the_dry_run_runs_every_stage_and_writes_its_figures(tmp_path: Path) -> 
         "pipeline.jsonl",
         "served.json",
         "listeners.json",
+        "overhead.jsonl",
     }
 
     env = json.loads((out / "env.json").read_text())
@@ -90,3 +92,7 @@ def test_the_dry_run_runs_every_stage_and_writes_its_figures(tmp_path: Path) -> 
 
     listeners = json.loads((out / "listeners.json").read_text())
     assert listeners["continuous"] is not None
+
+    overhead = [json.loads(line) for line in (out / "overhead.jsonl").read_text().splitlines()]
+    [steps] = [row for row in overhead if "own_ms" in row]
+    assert steps["jobs"] == 1 and 0 < steps["own_ms"] < steps["step_ms"]
