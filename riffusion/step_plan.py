@@ -110,11 +110,11 @@ def plan_step(
     planned: dict[int, float] = {}  # the stepped jobs' finish times
     for job in ordered:
         trial = finish_times([*stepped, job], now, costs, inline_postprocess)
-        # Parked: it resumes once the jobs taken are done, behind those parked before it.
-        resume = max(planned.values(), default=now)
         if not parked and not _harms(stepped, planned, trial, now, job, costs, inline_postprocess):
             stepped, planned = [*stepped, job], trial
             continue
+        # Parked: it resumes once the jobs taken are done, behind those parked before it.
+        resume = max(planned.values(), default=now)
         waited = finish_times([*parked, job], resume, costs, inline_postprocess)
         if waited[id(job)] > job.deadline:  # parking would drop it: it steps regardless
             stepped = [*stepped, job]
