@@ -120,8 +120,7 @@ def per_sample(rows: Sequence[Coefficients], like: Tensor) -> tuple[Tensor, ...]
     """n rows of K coefficients -> K tensors of shape (n, 1, 1, 1) in ``like``'s dtype/device
     (shared: never written)."""
     columns = [value for column in zip(*rows, strict=True) for value in column]
-    packed = struct.pack(f"{len(columns)}d", *columns)
-    return _per_sample(packed, (-1, len(rows), 1, 1, 1), like.dtype, like.device)
+    return _per_sample(_packed(columns), (-1, len(rows), 1, 1, 1), like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -138,8 +137,12 @@ def constant(
     distinct values (a bounded cache): a step's coefficients and timesteps recur for every
     job that reaches the same point of the same schedule, so most steps build none and,
     on a GPU, copy none to it. The tensor is shared between callers: never written."""
-    packed = struct.pack(f"{len(values)}d", *values)  # exact: -0.0 and 0.0 differ
-    return _constant(packed, shape, dtype, device)
+    return _constant(_packed(values), shape, dtype, device)
+
+
+def _packed(values: Sequence[float]) -> bytes:
+    """``values`` as a cache key: exact (-0.0 and 0.0 differ), unpacked by ``_constant``."""
+    return struct.pack(f"{len(values)}d", *values)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -161,8 +161,9 @@ BATCHING = Costs(overhead_s=0.05, per_job_s=0.1, postprocess_s=0.05)
 
 
 def test_in_a_burst_where_every_clip_is_late_they_step_together_where_a_batch_costs_less() -> None:
-    # Alone, the first ends at 5 x 0.15 + 0.05 = 0.8 s and the second, parked behind it,
-    # at 1.6 s; together both end at 5 x 0.25 + 0.05 = 1.3 s: the worst lateness falls.
+    # Alone, the first ends at 5 x 0.15 + 0.05 = 0.8 s and the second, parked until its
+    # steps end (0.75 s), at 1.55 s; together both end at 5 x 0.25 + 0.05 = 1.3 s: the
+    # worst lateness falls.
     jobs = [Job(f"clip {i}", due=NOW + 0.1, steps_left=5) for i in range(2)]
     plan = plan_step(jobs, NOW, BATCHING, inline_postprocess=False)
     assert names(plan.stepped) == ["clip 0", "clip 1"] and not plan.parked
