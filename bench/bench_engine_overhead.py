@@ -1,14 +1,15 @@
 """The engine's own overhead per denoising step, at 1, 4, 8 and 16 jobs: what runs on
 this CPU, what a GPU deployment's host would pay, and (modelled) what its device would.
 
-The UNet forward is replaced by a stand-in that sleeps a fixed time (default 20 ms)
-and predicts zero noise, so what a step takes beyond the stand-in's call is the
-engine's and the pipeline's own work: batching the inputs, the scheduler steps,
-guidance, mask blend, admission checks and bookkeeping. Text-to-audio jobs, 50 steps,
+The UNet forward is replaced by a stand-in that takes a fixed time (default 20 ms;
+``--wait``: asleep, or spinning as a host thread waiting for a GPU does) and predicts
+zero noise, so what a step takes beyond the stand-in's call is the engine's and the
+pipeline's own work: batching the inputs, the scheduler steps, guidance, mask blend,
+admission checks and bookkeeping. Text-to-audio jobs, 50 steps,
 all submitted together (``Engine.submit_together``: every step is a full batch); the
 time between consecutive steps is read from the engine's observer, and the stand-in's
 own call, timed around it at each step, is taken out of it: its zero output and the
-sleep's overshoot are measured, not assumed, and are not the engine's. The first two
+wait's overshoot are measured, not assumed, and are not the engine's. The first two
 steps and the last are left out; the median over the steps is reported.
 
 Each batch size runs at two latent sizes, alternating in one process, ``--rounds``
@@ -83,11 +84,18 @@ TARGET_SHARE = 0.05  # of an emulated H100 step
 PATHS = {"per-job": False, "batched": True}  # path -> pipeline.batched_scheduler_steps
 
 
-class SleepingUNet:
-    """A UNet forward that takes ``seconds`` and predicts zero noise; times its calls."""
+class StandInUNet:
+    """A UNet forward that takes ``seconds`` and predicts zero noise; times its calls.
 
-    def __init__(self, seconds: float) -> None:
+    ``wait``: how the engine thread spends those seconds. ``sleep`` gives the core up,
+    so the step after it starts on whatever caches other work left (the pessimistic
+    case); ``spin`` keeps the core busy, as a host thread does while it waits for a GPU
+    in CUDA's default spin-wait (it holds the GIL: no other thread runs in this bench).
+    """
+
+    def __init__(self, seconds: float, wait: str = "sleep") -> None:
         self.seconds = seconds
+        self.wait = wait
         self.calls: list[tuple[int, float, float]] = []  # (jobs, seconds, CPU seconds)
         self.counter: TrafficCounter | None = None
 
@@ -95,7 +103,12 @@ class SleepingUNet:
         began, began_cpu = time.perf_counter(), time.thread_time()
         if self.counter is not None:
             self.counter.paused = True  # the real UNet's traffic is not the engine's
-        time.sleep(self.seconds)
+        if self.wait == "spin":
+            until = began + self.seconds
+            while time.perf_counter() < until:
+                pass
+        else:
+            time.sleep(self.seconds)
         noise = torch.zeros_like(latents)
         if self.counter is not None:
             self.counter.paused = False
@@ -142,7 +155,7 @@ class TimedSteps:
     """Wraps ``pipeline.denoise_step``: how long each call took; counts its traffic
     (a ``TrafficCounter`` per call) when ``count`` is set."""
 
-    def __init__(self, pipeline: RiffusionPipeline, unet: SleepingUNet, count: bool) -> None:
+    def __init__(self, pipeline: RiffusionPipeline, unet: StandInUNet, count: bool) -> None:
         self.step = pipeline.denoise_step
         self.unet = unet
         self.count = count
@@ -198,10 +211,11 @@ def run_jobs(
     steps: int,
     scheduler: SchedulerName | None,
     count: bool = False,
-) -> tuple[StepClock, SleepingUNet, TimedSteps]:
+) -> tuple[StepClock, StandInUNet, TimedSteps]:
     """``jobs`` jobs of ``steps`` steps through an engine, submitted together."""
     clock = StepClock()
-    unet = SleepingUNet(pipeline.unet_forward.seconds)  # type: ignore[attr-defined]
+    stand_in: StandInUNet = pipeline.unet_forward  # type: ignore[assignment]
+    unet = StandInUNet(stand_in.seconds, stand_in.wait)
     pipeline.unet_forward = unet
     timed = TimedSteps(pipeline, unet, count)
     pipeline.denoise_step = timed  # type: ignore[method-assign]
@@ -288,6 +302,13 @@ def h100_step_ms(jobs: int) -> float:
 @click.option("--sizes", default="64x64,8x8", show_default=True, help="of: 64x64, 8x8 (host)")
 @click.option("--device", default="cpu", show_default=True, help="where the latents live")
 @click.option(
+    "--wait",
+    type=click.Choice(["sleep", "spin"]),
+    default="sleep",
+    show_default=True,
+    help="how the stand-in spends its time: the core given up, or kept busy",
+)
+@click.option(
     "--scheduler",
     type=click.Choice([name.value for name in SchedulerName]),
     default=None,
@@ -301,6 +322,7 @@ def main(
     paths: str,
     sizes: str,
     device: str,
+    wait: str,
     scheduler: str | None,
 ) -> None:
     """Overhead per step beyond the UNet, per batch size, latent size and stepping path."""
@@ -317,7 +339,7 @@ def main(
         pipeline.vae_scale_factor = LATENT_SIZES[size]
         if size == HOST_SIZE:
             pipeline.finish = placeholder_finish  # type: ignore[method-assign]
-        pipeline.unet_forward = SleepingUNet(unet_ms / 1000)
+        pipeline.unet_forward = StandInUNet(unet_ms / 1000, wait)
         pipelines[size] = pipeline
         for path in path_names:  # one-off costs: coefficient caches, first calls
             pipeline.batched_scheduler_steps = PATHS[path]
@@ -343,6 +365,7 @@ def main(
                 "jobs": jobs,
                 "latents": size,
                 "path": path,
+                "wait": wait,
                 "step_ms": round(parts["interval"], 3),
                 "own_ms": round(parts["own"], 3),
                 "own_pct_of_h100_step": round(100 * parts["own"] / h100_ms, 2),
