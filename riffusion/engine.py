@@ -12,9 +12,11 @@ the pipeline on its device and repeats, at every step boundary:
 3. plan the step (``riffusion.step_plan``): every running job steps unless stepping it
    would make a job due sooner late, predicted from the measured step and
    post-processing times (on a CPU a step costs about in proportion to its jobs; on a
-   GPU about the same whatever its size, so nothing is parked there). A parked job keeps
-   its state and slot, and steps again as soon as the jobs due sooner are safe, or when
-   waiting longer would make it miss its own deadline (``step_priority=False``: all step);
+   GPU a batch saves each step's fixed part, so while jobs wait for a slot a newcomer
+   that saves device time steps anyway, unless it would make a listener's clip late).
+   A parked job keeps its state and slot, and steps again as soon as the jobs due sooner
+   are safe, or when waiting longer would make it miss its own deadline
+   (``step_priority=False``: all step);
 4. run ONE denoising step for the jobs planned: one UNet forward per group of jobs
    that share a latent shape and text length, each job at its own timestep;
 5. hand finished jobs to post-processing (VAE decode + Griffin-Lim) at once, on a
@@ -413,7 +415,9 @@ class Engine:
         if not self.config.step_priority or len(self._running) < 2:
             return list(self._running)  # a job alone always steps (``plan_step``'s rule 1)
         inline = self.config.postprocess == "inline"
-        plan = plan_step(self._running, time.monotonic(), self.step_times, inline)
+        with self._lock:
+            backlog = bool(self._waiting)
+        plan = plan_step(self._running, time.monotonic(), self.step_times, inline, backlog)
         if plan.parked:
             self.observer.on_parked(len(plan.parked))
         return plan.stepped

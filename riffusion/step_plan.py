@@ -15,7 +15,12 @@ app's) would finish late. At every step boundary the engine asks ``plan_step``:
    unless stepping them together lowers the worst lateness among them (a device whose
    batches cost less than their jobs one after another, in a burst where every clip is
    late: parked, the newcomer would be later still) and the job slowed is not one
-   promised real time beside a newcomer that is not;
+   promised real time beside a newcomer that is not. With a backlog (jobs waiting for
+   a batch slot) a newcomer also steps when that saves more than ``MATERIAL`` of its
+   own device time, whoever not promised real time it makes late: a parked job keeps
+   its slot, so parking on such a device spends the throughput the queue behind needs
+   (past capacity the batch would shrink to one or two jobs and the queue grow without
+   bound; ``bench/sim_schedules.py``);
 3. otherwise park it and every job due after it: a parked job keeps its state and its
    slot, loses no work, and is planned again at the next step, so it resumes as soon as
    the jobs due sooner are safe. A job that would miss its deadline (and be dropped) if
@@ -101,16 +106,23 @@ def finish_times(
 
 
 def plan_step(
-    running: Sequence[J], now: float, costs: Costs, inline_postprocess: bool
+    running: Sequence[J],
+    now: float,
+    costs: Costs,
+    inline_postprocess: bool,
+    backlog: bool = False,
 ) -> StepPlan[J]:
-    """Which of ``running`` step now and which are parked (see the module's docstring)."""
+    """Which of ``running`` step now and which are parked (see the module's docstring);
+    ``backlog``: jobs wait for a batch slot."""
     ordered = sorted(running, key=lambda job: job.rank)  # stable: ties keep their order
     stepped: list[J] = []
     parked: list[J] = []
     planned: dict[int, float] = {}  # the stepped jobs' finish times
     for job in ordered:
         trial = finish_times([*stepped, job], now, costs, inline_postprocess)
-        if not parked and not _harms(stepped, planned, trial, now, job, costs, inline_postprocess):
+        if not parked and not _harms(
+            stepped, planned, trial, now, job, costs, inline_postprocess, backlog
+        ):
             stepped, planned = [*stepped, job], trial
             continue
         # Parked: it resumes once the jobs taken are done, behind those parked before it.
@@ -132,31 +144,52 @@ def _harms(
     newcomer: Plannable,
     costs: Costs,
     inline_postprocess: bool,
+    backlog: bool,
 ) -> bool:
     """Whether stepping ``newcomer`` beside ``stepped`` (their finish times ``before`` ->
-    ``after``) makes a job of ``stepped`` late that was on time, or slows one late anyway
-    by more than ``MATERIAL`` without lowering the worst lateness (against ``newcomer``
-    parked until their last step), or slows a promised one for a newcomer not promised."""
-    slowed = []  # late anyway, and slowed materially
+    ``after``) harms one of them more than parking it would harm the rest (module
+    docstring, 2.): makes one late that was on time, or slows one late anyway by more
+    than ``MATERIAL``, unless that lowers the worst lateness (against ``newcomer`` parked
+    until their last step) or, with a ``backlog``, saves device time that the jobs
+    waiting behind them need; a promised job is never harmed for a newcomer not promised,
+    nor made late to save device time."""
+    made_late, slowed = [], []
     for job in stepped:
         was, will = before[id(job)], after[id(job)]
         if will <= job.due or will <= was:
             continue
         if was <= job.due:
-            return True
-        if will - was > MATERIAL * (was - now):
+            made_late.append(job)
+        elif will - was > MATERIAL * (was - now):
             slowed.append(job)
-    if not slowed:
+    harmed = [*made_late, *slowed]
+    if not harmed:
         return False
-    if any(job.promised and not newcomer.promised for job in slowed):
+    if any(job.promised and not newcomer.promised for job in harmed):
         return True
     # Parked, it would start when their steps end (their post-processing, where it runs
     # beside the steps, delays nobody).
-    steps_end = max(
-        before[id(job)] - (0.0 if inline_postprocess else costs.postprocess_s(job.work))
-        for job in stepped
+    steps_end = _steps_end(before, stepped, costs, inline_postprocess)
+    alone = finish_times([newcomer], steps_end, costs, inline_postprocess)
+    if backlog and not any(job.promised for job in harmed):
+        apart_end = _steps_end(alone, [newcomer], costs, inline_postprocess)
+        together_end = _steps_end(after, [*stepped, newcomer], costs, inline_postprocess)
+        if apart_end - together_end > MATERIAL * (apart_end - steps_end):
+            return False
+    if made_late:
+        return True
+    worst_parked = max(
+        alone[id(newcomer)] - newcomer.due, *(before[id(j)] - j.due for j in stepped)
     )
-    alone = finish_times([newcomer], steps_end, costs, inline_postprocess)[id(newcomer)]
-    worst_parked = max(alone - newcomer.due, *(before[id(j)] - j.due for j in stepped))
     worst_together = max(after[id(j)] - j.due for j in [*stepped, newcomer])
     return worst_together >= worst_parked
+
+
+def _steps_end(
+    finished: dict[int, float], jobs: Sequence[Plannable], costs: Costs, inline_postprocess: bool
+) -> float:
+    """When the last of ``jobs`` takes its last step, from their finish times."""
+    return max(
+        finished[id(job)] - (0.0 if inline_postprocess else costs.postprocess_s(job.work))
+        for job in jobs
+    )

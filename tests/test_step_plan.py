@@ -191,3 +191,40 @@ def test_a_late_listener_is_not_slowed_for_a_clip_not_promised_but_is_for_anothe
     other = Job("listener 2", due=NOW + 0.1, steps_left=5, promised=True)
     plan = plan_step([other, listener], NOW, BATCHING, inline_postprocess=False)
     assert names(plan.stepped) == ["listener 2", "listener"] and not plan.parked
+
+
+def test_with_a_backlog_a_clip_on_time_is_made_late_where_batching_saves_device_time() -> None:
+    # The clips above again, with jobs waiting for a slot: apart, the device is busy
+    # until 0.75 + 0.75 = 1.5 s; together until 1.25 s. Parked, the second would hold its
+    # slot through the first's steps and give the queue behind a quarter of a second less.
+    first = Job("clip 0", due=NOW + 0.9, steps_left=5)
+    second = Job("clip 1", due=NOW + 0.95, steps_left=5)
+    plan = plan_step([first, second], NOW, BATCHING, inline_postprocess=False, backlog=True)
+    assert names(plan.stepped) == ["clip 0", "clip 1"] and not plan.parked
+    # Where a batch costs what its clips do (a CPU) nothing is saved: it stays parked.
+    first, second = (Job(f"clip {i}", due=NOW + 0.55, steps_left=5) for i in range(2))
+    plan = plan_step([first, second], NOW, CPU, inline_postprocess=False, backlog=True)
+    assert names(plan.stepped) == ["clip 0"] and names(plan.parked) == ["clip 1"]
+
+
+def test_with_a_backlog_a_late_clip_far_from_its_end_still_shares_its_steps() -> None:
+    # Late both, the first 2 s late and 2 steps from its end, the newcomer 5: apart their
+    # steps end at 0.3 s and 1.05 s; together at 0.5 s and 0.95 s. The worst lateness
+    # rises (the first's, by 0.2 s), so without a backlog the newcomer is parked; with
+    # one, the 0.1 s of device time saved goes to the jobs waiting.
+    first = Job("clip 0", due=NOW - 2.0, steps_left=2)
+    newcomer = Job("clip 1", due=NOW - 0.1, steps_left=5)
+    plan = plan_step([first, newcomer], NOW, BATCHING, inline_postprocess=False)
+    assert names(plan.stepped) == ["clip 0"] and names(plan.parked) == ["clip 1"]
+    plan = plan_step([first, newcomer], NOW, BATCHING, inline_postprocess=False, backlog=True)
+    assert names(plan.stepped) == ["clip 0", "clip 1"] and not plan.parked
+
+
+@pytest.mark.parametrize("newcomer_promised", [False, True])
+def test_with_a_backlog_a_listener_is_still_never_made_late_to_save_device_time(
+    newcomer_promised: bool,
+) -> None:
+    listener = Job("listener", due=NOW + 0.9, steps_left=5, promised=True)  # on time alone
+    newcomer = Job("newcomer", due=NOW + 0.95, steps_left=5, promised=newcomer_promised)
+    plan = plan_step([listener, newcomer], NOW, BATCHING, inline_postprocess=False, backlog=True)
+    assert names(plan.stepped) == ["listener"] and names(plan.parked) == ["newcomer"]
