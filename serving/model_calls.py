@@ -179,7 +179,8 @@ async def _answer(outcome: EngineJob | BaseException) -> ModelReply:
         clip = await asyncio.wrap_future(outcome.future)
     except BaseException as error:  # cancelled here too: the engine sees the future go
         return error_reply(error)
-    return ModelReply(result=model_result(clip))
+    # PNG encoding takes tens of milliseconds: off the event loop, which takes new jobs.
+    return ModelReply(result=await anyio.to_thread.run_sync(model_result, clip))
 
 
 # --- API side ----------------------------------------------------------------------------------
