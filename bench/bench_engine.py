@@ -94,6 +94,14 @@ def web_app_request(seed: int, steps: int) -> dict[str, object]:
     )
 
 
+def poisson(rate: float, seconds: float, seed: int) -> list[float]:
+    """Arrival times (seconds from the start) of a Poisson process at ``rate`` per second."""
+    rng, arrivals, at = random.Random(seed), [], 0.0
+    while (at := at + rng.expovariate(rate)) < seconds:
+        arrivals.append(at)
+    return arrivals
+
+
 async def _post(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, int]:
     began = time.perf_counter()
     try:
@@ -313,11 +321,7 @@ def main(
         for round_index, (load_index, load) in itertools.product(
             range(rounds), enumerate(load_list)
         ):
-            rate = load * capacity
-            rng = random.Random(seed + round_index)
-            arrivals, at = [], 0.0
-            while (at := at + rng.expovariate(rate)) < seconds:
-                arrivals.append(at)
+            arrivals = poisson(load * capacity, seconds, seed + round_index)
             shift = (round_index + load_index) % len(mode_list)
             for mode in mode_list[shift:] + mode_list[:shift]:
                 wait_idle(urls[mode], IDLE_LIMIT_S, IDLE_SETTLE_S)

@@ -33,7 +33,6 @@ import collections
 import heapq
 import itertools
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.bench_engine import poisson  # the served runs' arrivals
 from riffusion.emulation import PROFILES, REFERENCE_LATENT_AREA, AcceleratorProfile, Cost
 from riffusion.step_plan import plan_step
 
@@ -240,14 +240,6 @@ def summarise(schedule: str, load: float, rate: float, runs: list[list[Clip]]) -
         float(p99),
         float(np.mean(latencies <= CLIP_S)),
     )
-
-
-def poisson(rate: float, seconds: float, seed: int) -> list[float]:
-    """Arrival times, drawn as ``bench.bench_engine`` draws them."""
-    rng, arrivals, at = random.Random(seed), [], 0.0
-    while (at := at + rng.expovariate(rate)) < seconds:
-        arrivals.append(at)
-    return arrivals
 
 
 def run_schedule(
