@@ -16,7 +16,8 @@ the figures are lower bounds on the served ones. Schedules:
 3. ``adaptive/cork``: BentoML 1.4's ``CorkDispatcher`` rule, as ``adaptive`` serves:
    with the device free it still holds a batch while ``n * (wn + dt + a)`` is at most
    0.95 of the mean wait its last 50 batches had (``n`` requests waiting, ``wn`` the
-   newest one's wait, ``a`` the fitted seconds per request), refitting every 5 s;
+   newest one's wait, ``a`` the fitted seconds per request), refitting every 5 s (its
+   start-up training simplified to nine batches of one);
 4. ``off``: one clip at a time, first come first served.
 
 Every clip is the web app's (a 64 x 64 latent, 37 steps: 50 at denoising 0.75), due
