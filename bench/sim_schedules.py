@@ -20,8 +20,9 @@ the figures are lower bounds on the served ones. Schedules:
    start-up training simplified to nine batches of one);
 4. ``off``: one clip at a time, first come first served.
 
-Every clip is the web app's (a 64 x 64 latent, 37 steps: 50 at denoising 0.75), due
-5.12 s after it arrives. Loads are fractions of ``--capacity`` (default: the cost
+Every clip is the web app's (a 64 x 64 latent, 37 steps: 50 at denoising 0.75, its seed
+image VAE-encoded at admission: each clip has its own seed), due 5.12 s after it
+arrives. Loads are fractions of ``--capacity`` (default: the cost
 model's, full batches back to back), so ``--capacity 2.36`` offers what the served
 H100 runs offered.
 
@@ -31,6 +32,7 @@ H100 runs offered.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import itertools
 import json
@@ -64,6 +66,7 @@ class DeviceCosts:
 
     unet: Cost  # per UNet sample (two per job: classifier-free guidance)
     postprocess: Cost  # VAE decode + Griffin-Lim, per clip
+    encode: Cost  # the seed image's VAE encode, per clip at admission (each has its own seed)
 
     @classmethod
     def of(cls, profile: AcceleratorProfile) -> DeviceCosts:
@@ -73,6 +76,7 @@ class DeviceCosts:
             postprocess=Cost(
                 decode.fixed_s + vocode.fixed_s, decode.per_item_s + vocode.per_item_s
             ),
+            encode=profile.vae_encode,
         )
 
     def step_s(self, work: int) -> float:
@@ -81,9 +85,13 @@ class DeviceCosts:
     def postprocess_s(self, work: int) -> float:
         return self.postprocess.seconds(work // LATENT_AREA) if work else 0.0
 
+    def admit_s(self) -> float:
+        return self.encode.seconds(1)
+
     def batch_s(self, jobs: int, steps: int) -> float:
-        """A request-level batch of ``jobs`` clips, from its first step to its answers."""
-        return steps * self.step_s(jobs * LATENT_AREA) + self.postprocess_s(jobs * LATENT_AREA)
+        """A request-level batch of ``jobs`` clips, from their admission to their answers."""
+        work = jobs * LATENT_AREA
+        return jobs * self.admit_s() + steps * self.step_s(work) + self.postprocess_s(work)
 
 
 @dataclass
@@ -122,6 +130,7 @@ def continuous(arrivals: Sequence[float], costs: DeviceCosts, steps: int, slots:
             arrival = next(upcoming, None)
         while waiting and len(running) < slots:
             running.append(clips[heapq.heappop(waiting)[1]])
+            clock += costs.admit_s()
         if not running:
             clock = arrival[1].arrived if arrival else clock
             continue
@@ -325,7 +334,7 @@ def main(
             fixed_ms, per_sample_ms = (float(part) for part in unet.split(","))
         except ValueError:
             raise click.BadParameter("give FIXED_MS,PER_SAMPLE_MS", param_hint="--unet") from None
-        costs = DeviceCosts(Cost(fixed_ms / 1e3, per_sample_ms / 1e3), costs.postprocess)
+        costs = dataclasses.replace(costs, unet=Cost(fixed_ms / 1e3, per_sample_ms / 1e3))
     model_capacity = capacity_of(costs, clip_steps, max_batch_size)
     base = capacity or model_capacity
     console.print(

@@ -3,6 +3,8 @@ GPU cost model, against request-level batching, on the same arrivals."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from click.testing import CliRunner
 
@@ -16,7 +18,8 @@ CLIP_STEPS = 37  # the web app's: 50 steps at denoising 0.75
 @pytest.mark.parametrize("schedule", sim.SCHEDULES)
 def test_a_lone_clip_takes_its_device_time_and_nothing_more(schedule: str) -> None:
     [clip] = sim.run_schedule(schedule, [2.0], H100, CLIP_STEPS, slots=8)
-    alone = CLIP_STEPS * (0.0034 + 2 * 0.00403) + (0.001 + 0.0185) + (0.001 + 0.006)
+    encode, decode, vocode = 0.001 + 0.00925, 0.001 + 0.0185, 0.001 + 0.006
+    alone = encode + CLIP_STEPS * (0.0034 + 2 * 0.00403) + decode + vocode
     assert clip.answered - clip.arrived == pytest.approx(alone)
 
 
@@ -35,7 +38,7 @@ def test_past_capacity_the_engine_keeps_batching_and_its_throughput() -> None:
 def test_where_a_batch_costs_what_one_clip_does_joining_mid_way_wins() -> None:
     # The regime the engine is built for: a newcomer joins the running batch instead of
     # waiting for it to end.
-    flat = sim.DeviceCosts(Cost(0.0115, 0.0), H100.postprocess)
+    flat = dataclasses.replace(H100, unet=Cost(0.0115, 0.0))
     arrivals = sim.poisson(0.8 * 2.36, 300.0, seed=1)
     continuous = sim.summarise("c", 0.8, 0, [sim.continuous(arrivals, flat, CLIP_STEPS, 8)])
     adaptive = sim.summarise("a", 0.8, 0, [sim.adaptive(arrivals, flat, CLIP_STEPS, 8)])
