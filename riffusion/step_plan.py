@@ -170,11 +170,14 @@ def _harms(
         return False
     if any(job.promised and not newcomer.promised for job in harmed):
         return True
+    saving_may_decide = backlog and not any(job.promised for job in harmed)
+    if made_late and not saving_may_decide:
+        return True
     # Parked, it would start when their steps end (their post-processing, where it runs
     # beside the steps, delays nobody).
     steps_end = _steps_end(before, stepped, costs, inline_postprocess)
     alone = finish_times([newcomer], steps_end, costs, inline_postprocess)
-    if backlog and not any(job.promised for job in harmed):
+    if saving_may_decide:
         apart_end = _steps_end(alone, [newcomer], costs, inline_postprocess)
         together_end = _steps_end(after, [*stepped, newcomer], costs, inline_postprocess)
         if apart_end - together_end > MATERIAL * (apart_end - steps_end):
