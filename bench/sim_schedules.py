@@ -197,7 +197,8 @@ def adaptive(
         clock = max(clock, clips[next_index].arrived)
         if cork is not None and batches >= CORK_TRAINING:
             while True:  # held: until the rule lets go or another request arrives
-                queued = [c.arrived for c in clips[next_index:] if c.arrived <= clock][:slots]
+                window = clips[next_index : next_index + slots]  # arrivals are in order
+                queued = [c.arrived for c in window if c.arrived <= clock]
                 release = cork.release_at(queued, clock, slots)
                 following = next_index + len(queued)
                 upcoming = clips[following].arrived if following < len(clips) else float("inf")
