@@ -63,9 +63,9 @@ def audio_response(audio: Audio, fmt: str, filename: str, headers: dict[str, str
 
 
 def read_upload(path: Path, max_duration_s: float) -> Audio:
-    # Opened here so no message can carry the server's temporary path.
-    with path.open("rb") as upload:
-        return read_audio(upload, max_duration_s=max_duration_s, name="the uploaded audio")
+    # By path (libsndfile reads it without the GIL); every message names the upload,
+    # never the server's temporary path.
+    return read_audio(path, max_duration_s=max_duration_s, name="the uploaded audio")
 
 
 def web_app_payload(result: ModelResult) -> RunInferenceResponse:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,6 +172,71 @@ def test_unsupported_output_formats(tmp_path: Path) -> None:
         encode_audio(Audio(tone(440, 0.1, 96000)[None], 96000), "mp3")
     with pytest.raises(AudioError, match="empty audio"):
         encode_audio(Audio(np.zeros((1, 0), np.float32), SR), "wav")
+
+
+@contextmanager
+def python_calls() -> Iterator[list[str]]:
+    """The names of the Python functions called in this thread meanwhile (C callbacks
+    included)."""
+    names: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            names.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        yield names
+    finally:
+        sys.setprofile(None)
+
+
+def test_libsndfile_reads_and_writes_without_calling_back_into_python(tmp_path: Path) -> None:
+    """Each callback from libsndfile must win the GIL back: beside a busy event loop that
+    made a clip's MP3 ten times as slow (bench/bench_audio_io.py). ``encode_audio`` and
+    reading a path give libsndfile a descriptor or a path, so it never calls back."""
+    audio = stereo_tone(0.5)
+    with python_calls() as control:  # what a Python file object costs: soundfile's callbacks
+        sf.write(io.BytesIO(), audio.samples.T, SR, format="MP3")
+    callbacks = {name for name in control if name.startswith("vio_")}
+    assert "vio_write" in callbacks
+    for fmt in SUPPORTED_FORMATS:
+        with python_calls() as calls:
+            data = encode_audio(audio, fmt)
+        assert callbacks.isdisjoint(calls), fmt
+        path = tmp_path / f"clip.{fmt}"
+        path.write_bytes(data)
+        with python_calls() as calls:
+            decoded = read_audio(path)
+        assert callbacks.isdisjoint(calls), fmt
+        assert decoded.channels == 2 and decoded.num_frames > 0
+
+
+def test_encoding_falls_back_to_a_temporary_file_without_memfd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    audio = stereo_tone(0.3)
+    expected = encode_audio(audio, "flac")
+
+    def refused(*args: Any) -> int:
+        raise PermissionError("memfd_create: operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused, raising=False)
+    assert encode_audio(audio, "flac") == expected
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    assert encode_audio(audio, "flac") == expected
+
+
+def test_a_path_read_under_another_name_never_shows_the_path(tmp_path: Path) -> None:
+    hidden = tmp_path / "server-temp-1234"
+    for content, reason in ((b"", "empty audio file"), (b"not audio at all", "corrupt")):
+        hidden.write_bytes(content)
+        with pytest.raises(AudioError, match=reason) as raised:
+            read_audio(hidden, name="the uploaded audio")
+        assert "the uploaded audio" in str(raised.value)
+        assert "server-temp" not in str(raised.value)
+    with pytest.raises(AudioError, match="not found: the uploaded audio"):
+        read_audio(tmp_path / "gone", name="the uploaded audio")
 
 
 def test_audio_shape_validated() -> None:
