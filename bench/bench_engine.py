@@ -7,7 +7,8 @@ on 127.0.0.1 at once, and the web app's request (run_inference, seed image og_be
 denoising 0.75) is offered at fractions of the capacity measured at the start (a
 closed-loop burst on the first mode). The modes take turns, window by window, in a
 rotating order, so load from outside the benchmark falls on all of them alike and
-they see the same arrival times. Reports p50/p95/p99 latency, throughput and the
+they see the same arrival times; loads run lightest first, every round of one before
+the next (``window_order``). Reports p50/p95/p99 latency, throughput and the
 share of clips answered within the real-time deadline (one clip's playing time,
 5.12 s at 512 px).
 
@@ -32,6 +33,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -215,6 +217,27 @@ def _load_table(results: list[LoadResult], deadline_s: float) -> Table:
     return table
 
 
+def window_order(
+    loads: Sequence[float], rounds: int, modes: Sequence[str]
+) -> list[tuple[int, float, list[str]]]:
+    """(round, load, the modes in turn) for every window, in the order they run.
+
+    Each window runs every mode back to back on the same arrival times, in an order
+    rotated from one window to the next, so load from outside this benchmark falls on
+    every mode alike. Every round of a load runs before the next load, lightest first:
+    no window follows a heavier one on the same server, because BentoML's adaptive
+    batcher carries the mean wait it learned in one window over to the next and holds
+    requests at light load for it (docs/benchmarks.md, "Adaptive at 50 % after a 110 %
+    window").
+    """
+    order = []
+    for load_index, load in enumerate(sorted(loads)):
+        for round_index in range(rounds):
+            shift = (round_index + load_index) % len(modes)
+            order.append((round_index, load, [*modes[shift:], *modes[:shift]]))
+    return order
+
+
 @click.command()
 @click.option("--model", default="tiny", show_default=True, help="RIFFUSION_MODEL to serve.")
 @click.option("--modes", default=",".join(MODES), show_default=True)
@@ -292,7 +315,7 @@ def main(
     # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    load_list = [float(x) for x in loads.split(",") if x.strip()]
+    load_list = sorted({float(x) for x in loads.split(",") if x.strip()})
     capacity = 0.0
     load_results: list[LoadResult] = []
     abandon_results: list[AbandonResult] = []
@@ -314,16 +337,10 @@ def main(
         elif load_list:
             capacity = asyncio.run(measure_capacity(urls[mode_list[0]], steps, capacity_clips))
             console.print(f"closed-loop capacity ({mode_list[0]}): {capacity:.3f} clips/s")
-        # Interleaved: every (round, load) runs each mode's window back to back, in an order
-        # rotated from one window to the next, so load from outside this benchmark falls on
-        # every mode alike. Within a window all modes see the same arrival times.
         windows: dict[tuple[str, float], list[tuple[list[tuple[float, int]], float]]] = {}
-        for round_index, (load_index, load) in itertools.product(
-            range(rounds), enumerate(load_list)
-        ):
+        for round_index, load, turns in window_order(load_list, rounds, mode_list):
             arrivals = poisson(load * capacity, seconds, seed + round_index)
-            shift = (round_index + load_index) % len(mode_list)
-            for mode in mode_list[shift:] + mode_list[:shift]:
+            for mode in turns:
                 wait_idle(urls[mode], IDLE_LIMIT_S, IDLE_SETTLE_S)
                 results, wall = asyncio.run(open_loop(urls[mode], arrivals, steps, timeout_s=600))
                 windows.setdefault((mode, load), []).append((results, wall))
