@@ -18,11 +18,9 @@ bytes (encoding) and samples (decoding).
 from __future__ import annotations
 
 import io
-import statistics
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import soundfile as sf
 from rich.console import Console
 from rich.table import Table
 
+from bench.timing import median_ms
 from riffusion.audio import Audio, encode_audio, read_audio
 
 console = Console()
@@ -96,16 +95,6 @@ def busy_thread() -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-
-
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
 
 
 @click.command()

@@ -10,9 +10,8 @@ gives, and checks that every level decodes to the same pixels.
 
 from __future__ import annotations
 
+import functools
 import io
-import statistics
-import time
 from pathlib import Path
 
 import click
@@ -21,6 +20,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from bench.timing import median_ms
 from riffusion.spectrogram.image import PNG_COMPRESS_LEVEL
 
 console = Console()
@@ -31,16 +31,6 @@ def encode(image: Image.Image, level: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()
-
-
-def timed_ms(image: Image.Image, level: int, repeats: int) -> float:
-    """Median milliseconds of one encoding."""
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        encode(image, level)
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
 
 
 @click.command()
@@ -63,7 +53,9 @@ def main(images: Path, levels: str, repeats: int) -> None:
     level_list = sorted({int(x) for x in levels.split(",") if x.strip()} | {PILLOW_DEFAULT})
     rows = {}
     for level in level_list:
-        total_ms = sum(timed_ms(picture, level, repeats) for picture in pictures)
+        total_ms = 0.0
+        for picture in pictures:
+            total_ms += median_ms(functools.partial(encode, picture, level), repeats)
         total_bytes = 0
         for picture in pictures:
             data = encode(picture, level)
