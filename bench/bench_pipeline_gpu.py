@@ -9,7 +9,12 @@ Reports, all in one run:
 - clip latency and clips/s at batch 1, 2, 4, 8 for eager, traced and compiled;
 - the plain diffusers ``StableDiffusionImg2ImgPipeline`` (batch 1, eager) as baseline;
 - FLOP-based efficiency against the GPU's peak (``--peak-tflops``, default by
-  device name) and the ratio of each figure to the baseline and to the FLOP floor.
+  device name) and the ratio of each figure to the baseline and to the FLOP floor;
+- the cost of each accelerated call at each batch, the terms of ``riffusion.emulation``'s
+  profiles: the UNet forward per backend at 2 x batch samples, and (once) the VAE
+  encode, the VAE decode and Griffin-Lim at batch images or clips, each the median of
+  5 synchronized calls after a warm-up (``{"costs": ...}`` rows; ``bench.gpu_digest``
+  fits them into a profile).
 
 Smoke mode for a machine without a GPU (checks the script, not the speed):
 
@@ -24,7 +29,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DCondi
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from riffusion.latents import pixels_to_model_input
 from riffusion.models import (
     DEFAULT_SCHEDULER_CONFIG,
     RiffusionComponents,
@@ -177,6 +184,62 @@ def vae_flops(components: RiffusionComponents, height: int, width: int) -> float
         )
 
 
+COST_REPEATS = 5
+
+
+def call_costs_ms(calls: Mapping[int, Callable[[], Any]], device: torch.device) -> dict[str, float]:
+    """{items: call} -> {items: median ms} (JSON keys), each after its own warm-up call."""
+    return {
+        str(items): round(timed(call, device, COST_REPEATS) * 1000, 3)
+        for items, call in calls.items()
+    }
+
+
+def unet_costs(pipeline: RiffusionPipeline, batches: list[int]) -> dict[str, float]:
+    """The backend's UNet forward at 2 x batch samples (a batch's guided step), in ms."""
+    components = pipeline.components
+    device, dtype = components.device, components.dtype
+    hidden = components.text_encoder.config.hidden_size
+
+    def forward(samples: int) -> Callable[[], Any]:
+        latents = torch.randn(samples, 4, 64, 64, device=device, dtype=dtype)
+        timesteps = torch.full((samples,), 500.0, device=device)
+        text = torch.randn(samples, 77, hidden, device=device, dtype=dtype)
+        return lambda: pipeline.unet_forward(latents, timesteps, text)
+
+    with torch.inference_mode():
+        return call_costs_ms({2 * b: forward(2 * b) for b in batches}, device)
+
+
+def postprocessing_costs(
+    pipeline: RiffusionPipeline, library: SeedImageLibrary, batches: list[int]
+) -> dict[str, dict[str, float]]:
+    """VAE encode (seed images), VAE decode and Griffin-Lim at each batch, in ms: the
+    pipeline's own calls, as the engine makes them."""
+    components = pipeline.components
+    device = components.device
+    vae = components.vae
+    seed = pixels_to_model_input(library.load("og_beat", kind="seed")).to(device, vae.dtype)
+    latents = torch.randn(max(batches), 4, 64, 64, device=device)  # as the engine's
+    with torch.inference_mode():
+        pixels = pipeline.decode_pixels(latents)  # (B, 3, 512, 512) uint8
+        encode = {b: partial(vae.encode, seed.expand(b, -1, -1, -1)) for b in batches}
+        decode = {b: partial(pipeline.decode_pixels, latents[:b]) for b in batches}
+        griffin_lim = {
+            b: partial(
+                pipeline.griffin_lim,
+                pixels[:b],
+                [torch.Generator(device).manual_seed(i) for i in range(b)],
+            )
+            for b in batches
+        }
+        return {
+            "vae_encode_ms": call_costs_ms(encode, device),
+            "vae_decode_ms": call_costs_ms(decode, device),
+            "griffin_lim_ms": call_costs_ms(griffin_lim, device),
+        }
+
+
 def baseline_diffusers(
     components: RiffusionComponents, library: SeedImageLibrary, args: argparse.Namespace
 ) -> float:
@@ -218,6 +281,7 @@ def bench_backend(
     clip_flops: float,
     peak_flops: float | None,
     baseline_s: float,
+    post_costs: bool,
 ) -> list[dict[str, Any]]:
     params = SpectrogramParams(num_griffin_lim_iters=args.griffin_lim_iters)
     pipeline = RiffusionPipeline(
@@ -260,6 +324,14 @@ def bench_backend(
             row["unet_step_pct_of_peak"] = round(100 * step_flops / peak_flops / step_s, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # The UNet's cost per call after the batch runs: a compiled backend's buckets are built.
+    print(json.dumps({"costs": backend, "unet_step_ms": unet_costs(pipeline, args.batches)}))
+    if post_costs:
+        try:
+            costs: dict[str, Any] = postprocessing_costs(pipeline, library, args.batches)
+        except Exception as error:  # reported; the backends' figures still count
+            costs = {"error": f"{type(error).__name__}: {error}"}
+        print(json.dumps({"costs": "postprocessing", **costs}), flush=True)
     return rows
 
 
@@ -333,7 +405,15 @@ def main() -> None:
             os.environ["RIFFUSION_TRACED_UNET"] = str(trace_dir)
         try:
             results += bench_backend(
-                components, backend, library, args, step_flops, clip_flops, peak_flops, baseline_s
+                components,
+                backend,
+                library,
+                args,
+                step_flops,
+                clip_flops,
+                peak_flops,
+                baseline_s,
+                post_costs=backend == args.backends[0],  # the VAE and Griffin-Lim: once
             )
         except Exception as error:  # report and go on: one backend failing must not hide the rest
             print(json.dumps({"backend": backend, "error": f"{type(error).__name__}: {error}"}))

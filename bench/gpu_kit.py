@@ -6,6 +6,10 @@ no network), from the repository root, with the wheels ``make gpu-wheels`` put i
 
     bash bench/gpu_kit.sh                  # writes into $OUT (or ./gpu-kit-out)
 
+Back here with its files, ``python -m bench.gpu_digest OUT_DIR`` turns them into
+Markdown for docs/benchmarks.md, the measured cost profile for riffusion/emulation.py
+and the fastest UNet backend (bench/gpu_digest.py).
+
 Here, on the CPU with the tiny model, the same stages at toy size (the suite runs this,
 tests/test_gpu_kit.py, so the kit cannot rot)::
 
@@ -239,7 +243,7 @@ def _has_module(name: str, env: dict[str, str]) -> bool:
 
 
 ENV_PROBE = """
-import json, platform, subprocess, torch
+import importlib.metadata, json, platform, subprocess, torch
 info = {"python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
 if torch.cuda.is_available():
@@ -252,11 +256,12 @@ if torch.cuda.is_available():
             text=True, timeout=10).stdout.strip()
     except OSError:
         pass
+# Installed versions, read without importing (locust's gevent patching fails after torch).
 for name in ("diffusers", "transformers", "bentoml", "locust", "pydantic", "numpy"):
     try:
-        info[name] = __import__(name).__version__
-    except Exception as error:
-        info[name] = f"missing: {type(error).__name__}"
+        info[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        info[name] = "missing"
 print(json.dumps(info, indent=2))
 """
 
@@ -408,6 +413,7 @@ def plan(kit: Kit, model_dir: Path) -> None:
             "2",
             "--batches",
             "1",
+            "2",
             "--backends",
             "eager",
             "--repeats",

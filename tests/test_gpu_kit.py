@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.gpu_digest import digest, measured_costs
 from bench.gpu_kit import Kit, Stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,7 @@ def test_the_dry_run_runs_every_stage_and_writes_its_figures(tmp_path: Path) -> 
 
     env = json.loads((out / "env.json").read_text())
     assert env["cuda_available"] is False  # the dry run hides any GPU
+    assert not env["locust"].startswith("missing")  # its version read without importing it
     suite = ET.parse(out / "cuda_tests.xml").getroot().find("testsuite")
     assert suite is not None
     assert int(suite.get("tests", 0)) >= 6 and suite.get("skipped") == suite.get("tests")
@@ -83,7 +85,13 @@ def test_the_dry_run_runs_every_stage_and_writes_its_figures(tmp_path: Path) -> 
     assert rows[0]["model"] == "tiny"
     assert any("baseline" in row for row in rows)
     eager = [row for row in rows if row.get("backend") == "eager"]
-    assert eager and eager[0]["clips_per_s"] > 0
+    assert [row["batch"] for row in eager] == [1, 2] and eager[0]["clips_per_s"] > 0
+    # Each accelerated call's cost at each batch: what bench.gpu_digest fits a profile to.
+    costs = {row["costs"]: row for row in rows if "costs" in row}
+    assert set(costs["eager"]["unet_step_ms"]) == {"2", "4"}  # samples: two per job
+    for key in ("vae_encode_ms", "vae_decode_ms", "griffin_lim_ms"):
+        assert set(costs["postprocessing"][key]) == {"1", "2"}
+        assert all(ms > 0 for ms in costs["postprocessing"][key].values())
 
     served = json.loads((out / "served.json").read_text())
     assert served["capacity_clips_per_s"] > 0
@@ -96,3 +104,9 @@ def test_the_dry_run_runs_every_stage_and_writes_its_figures(tmp_path: Path) -> 
     overhead = [json.loads(line) for line in (out / "overhead.jsonl").read_text().splitlines()]
     [steps] = [row for row in overhead if "own_ms" in row]
     assert steps["jobs"] == 1 and 0 < steps["own_ms"] < steps["step_ms"]
+
+    # The digest reads every file of the run (tests/test_gpu_digest.py: what it makes of them).
+    text = digest(out)
+    assert text.count("\n## ") == 7 and "not available" not in text
+    assert "DRY RUN on a CPU" in text and "Fastest backend: **eager**" in text
+    assert set(measured_costs(out)) == {"unet_step", "vae_encode", "vae_decode", "griffin_lim"}
