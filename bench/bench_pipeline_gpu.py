@@ -229,7 +229,7 @@ def postprocessing_costs(
             b: partial(
                 pipeline.griffin_lim,
                 pixels[:b],
-                [torch.Generator(device).manual_seed(i) for i in range(b)],
+                [torch.Generator("cpu").manual_seed(i) for i in range(b)],  # as `finish`
             )
             for b in batches
         }
