@@ -325,7 +325,8 @@ def bench_backend(
         rows.append(row)
         print(json.dumps(row), flush=True)
     # The UNet's cost per call after the batch runs: a compiled backend's buckets are built.
-    print(json.dumps({"costs": backend, "unet_step_ms": unet_costs(pipeline, args.batches)}))
+    unet = unet_costs(pipeline, args.batches)
+    print(json.dumps({"costs": backend, "unet_step_ms": unet}), flush=True)
     if post_costs:
         try:
             costs: dict[str, Any] = postprocessing_costs(pipeline, library, args.batches)
@@ -393,7 +394,8 @@ def main() -> None:
     print(
         json.dumps(
             {"baseline": "diffusers img2img, batch 1, eager", "clip_s": round(baseline_s, 3)}
-        )
+        ),
+        flush=True,  # a stage killed at its budget keeps what was printed
     )
 
     results = []
@@ -416,7 +418,10 @@ def main() -> None:
                 post_costs=backend == args.backends[0],  # the VAE and Griffin-Lim: once
             )
         except Exception as error:  # report and go on: one backend failing must not hide the rest
-            print(json.dumps({"backend": backend, "error": f"{type(error).__name__}: {error}"}))
+            print(
+                json.dumps({"backend": backend, "error": f"{type(error).__name__}: {error}"}),
+                flush=True,
+            )
     best = max(results, key=lambda row: row["clips_per_s"], default=None)
     print(json.dumps({"best": best, "baseline_clip_s": round(baseline_s, 3)}))
 
