@@ -181,6 +181,22 @@ class StepTimes:
             overhead, slope = self._line
         return overhead + slope * work
 
+    def step_s_at_most(self, work: int) -> float:
+        """``step_s`` for promises that cannot be taken back (an admitted listener keeps its
+        place): never under a step's cost while one batch size alone is measured.
+
+        ``step_s`` then keeps that batch's time for any work, which errs toward accepting
+        a job that may still expire; here a step over more work costs its share in
+        proportion (a step costing a fixed part plus a part per work costs at most that).
+        Once two batch sizes are measured, the fitted line, as ``step_s``.
+        """
+        with self._lock:
+            only = next(iter(self._seconds.items())) if len(self._seconds) == 1 else None
+            if only is not None:
+                bucket, seconds = only
+                return seconds * max(1.0, work / self._work[bucket])
+        return self.step_s(work)
+
     def _fit(self) -> tuple[float, float]:
         """(overhead, slope) of the line through the buckets' averages."""
         points = [(self._work[b], self._seconds[b]) for b in self._seconds]

@@ -7,9 +7,13 @@ and decides at ``open``:
 
 1. the demand of one period: every listener's next clip, plus the per-request clips
    expected in the same time (their rate over the last ``window_s``);
-2. its cost from the engine's measured step times (``StepTimes``): the clips run in
-   full batches of ``max_batch_size``, each batch for its jobs' steps, plus their
-   decode and Griffin-Lim (after the steps on a CPU, overlapped with them on a GPU);
+2. its cost from the engine's measured step times (``StepTimes.step_s_at_most``): the
+   clips run in full batches of ``max_batch_size``, each batch for its jobs' steps,
+   plus their decode and Griffin-Lim (after the steps on a CPU, overlapped with them
+   on a GPU). While the engine has measured one batch size alone (a fresh replica after
+   its first listener's steps), a larger batch is priced in proportion to its work,
+   not at the measured batch's time: no burst of listeners is admitted on a batching
+   gain the device has not shown yet;
 3. accept if that cost fits in ``utilization`` of the shortest period (and the
    listeners stay within ``max_listeners``, an operator's cap), else refuse with a
    retry hint. With ``predict`` off the cap alone decides (step times that say nothing
@@ -194,7 +198,7 @@ class ListenerAdmission:
         denoise_s = 0.0
         for first in range(0, len(jobs), self.max_batch_size):
             batch = jobs[first : first + self.max_batch_size]
-            denoise_s += batch[0][0] * times.step_s(sum(work for _, work in batch))
+            denoise_s += batch[0][0] * times.step_s_at_most(sum(work for _, work in batch))
         post_s = sum(times.postprocess_s(work) for _, work in jobs)
         return max(denoise_s, post_s) if self.overlapped_postprocess else denoise_s + post_s
 

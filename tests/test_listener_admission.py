@@ -88,6 +88,26 @@ def test_before_any_measurement_only_one_listener_is_admitted() -> None:
     assert not second.accepted and "measured" in second.message
 
 
+def test_with_one_batch_size_measured_a_larger_batch_is_priced_in_proportion() -> None:
+    # A fresh replica after its first listener's steps: one clip's step measured, 0.1 s.
+    # Whether batching is cheap on this device is not known yet, so a burst of listeners
+    # is priced as if a batch of n cost n such steps: four fit at 80 % (10 steps each,
+    # 1 s of a 5 s period apiece), not the 16 a flat 0.1 s per step at any batch admits.
+    times = StepTimes()
+    times.observe(4096, 0.0)  # the warm-up step, ignored
+    times.observe(4096, 0.1)
+    assert times.step_s(8 * 4096) == pytest.approx(0.1)  # the engine's own, optimistic
+    assert times.step_s_at_most(8 * 4096) == pytest.approx(0.8)
+    assert times.step_s_at_most(4096 // 2) == pytest.approx(0.1)  # less work: no less
+    gate = admission(times, Clock(), batch=8)
+    decisions = [gate.open(f"l{i}", CLIP) for i in range(6)]
+    assert [d.accepted for d in decisions] == [True] * 4 + [False] * 2
+    # The device then shows a batch of four costing one clip's step: the line, as measured.
+    times.observe(4 * 4096, 0.1)
+    assert times.step_s_at_most(8 * 4096) == pytest.approx(times.step_s(8 * 4096))
+    assert all(gate.open(f"m{i}", CLIP).accepted for i in range(12))  # 16 in two batches
+
+
 def test_a_listener_whose_lease_lapses_is_forgotten_and_renewal_keeps_it() -> None:
     clock = Clock()
     gate = admission(measured(0.0, per_work_s=0.1 / 4096), clock, lease_s=30.0)
