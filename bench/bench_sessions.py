@@ -1,16 +1,20 @@
 """Listener sessions on a served instance: admission, underruns, and a prompt change.
 
-Three scenarios, each on its own fresh server (tiny model, the project's seed images,
+Four scenarios, each on its own fresh server (tiny model, the project's seed images,
 5.12 s clips), every listener a ``SessionListener`` playing in real time on a thread:
 
 1. ramp: a new session listener every ``--ramp-every`` seconds up to ``--listeners``;
    each admitted one listens to the end of the run. Reports, per listener, admitted or
    refused (and how fast the refusal came, with its retry hint), clips and underruns.
    Target: admitted listeners 0 underruns; excess listeners refused within 100 ms.
-2. mixed: ``--mixed-sessions`` session listeners beside web-app-style per-request
+2. burst: one listener, then the other ``--listeners`` - 1 all at once ``--burst-after``
+   seconds later, as a replica just scaled out sees them (its engine has measured its
+   first listener's steps, one clip at a time, and nothing larger). Same report and
+   target as the ramp (not run by default).
+3. mixed: ``--mixed-sessions`` session listeners beside web-app-style per-request
    traffic (``/run_inference/`` with up to three requests in flight, back to back):
    the session listeners must keep 0 underruns.
-3. steer: one listener sends a new prompt after its second clip; reports the time to
+4. steer: one listener sends a new prompt after its second clip; reports the time to
    the first clip carrying it (sent by the server) and to when it is heard (that
    clip's start in the listener's playback).
 
@@ -79,14 +83,15 @@ def _listen(url: str, index: int, steps: int, until: float, result: ListenerResu
 
 
 def _run_listeners(
-    url: str, count: int, every_s: float, steps: int, seconds: float
+    url: str, joins_s: list[float], steps: int, seconds: float
 ) -> list[ListenerResult]:
+    """A listener joining at each of ``joins_s`` (seconds from now, in order)."""
     began = time.monotonic()
     until = began + seconds
     results: list[ListenerResult] = []
     threads = []
-    for index in range(count):
-        wake = began + index * every_s
+    for index, join_s in enumerate(joins_s):
+        wake = began + join_s
         time.sleep(max(0.0, wake - time.monotonic()))
         result = ListenerResult(index, round(time.monotonic() - began, 1), False, 0.0)
         results.append(result)
@@ -201,6 +206,9 @@ def _table(title: str, results: list[ListenerResult]) -> None:
 @click.option("--steps", default=10, show_default=True, help="Denoising steps per clip.")
 @click.option("--listeners", default=5, show_default=True, help="Ramp: listeners in all.")
 @click.option("--ramp-every", default=30.0, show_default=True, help="Ramp: seconds between joins.")
+@click.option(
+    "--burst-after", default=10.0, show_default=True, help="Burst: seconds before the rest join."
+)
 @click.option("--seconds", default=240.0, show_default=True, help="Length of each scenario.")
 @click.option("--mixed-sessions", default=2, show_default=True)
 @click.option(
@@ -235,6 +243,7 @@ def main(
     steps: int,
     listeners: int,
     ramp_every: float,
+    burst_after: float,
     seconds: float,
     mixed_sessions: int,
     traffic_after: float,
@@ -260,9 +269,17 @@ def main(
     }
     if "ramp" in chosen:
         with serve(model, 8, batching, extra_env=env, log_path=logs("ramp")) as url:
-            results = _run_listeners(url, listeners, ramp_every, steps, seconds)
+            joins = [index * ramp_every for index in range(listeners)]
+            results = _run_listeners(url, joins, steps, seconds)
         _table(f"ramp: a listener every {ramp_every:.0f} s, {seconds:.0f} s", results)
         report["ramp"] = [asdict(r) for r in results]
+    if "burst" in chosen:
+        with serve(model, 8, batching, extra_env=env, log_path=logs("burst")) as url:
+            joins = [0.0] + [burst_after] * (listeners - 1)
+            results = _run_listeners(url, joins, steps, seconds)
+        title = f"burst: one listener, {listeners - 1} more at {burst_after:.0f} s, {seconds:.0f} s"
+        _table(title, results)
+        report["burst"] = [asdict(r) for r in results]
     if "mixed" in chosen:
         with serve(model, 8, batching, extra_env=env, log_path=logs("mixed")) as url:
             stop, traffic = threading.Event(), dict[str, Any]()
@@ -270,7 +287,8 @@ def main(
                 target=_per_request_traffic, args=(url, steps, stop, traffic, traffic_after)
             )
             thread.start()
-            results = _run_listeners(url, mixed_sessions, 5.0, steps, seconds)
+            joins = [index * 5.0 for index in range(mixed_sessions)]
+            results = _run_listeners(url, joins, steps, seconds)
             stop.set()
             thread.join()
             # Whether step-level priority acted: job-steps sat out for a job due sooner.
