@@ -62,6 +62,7 @@ from riffusion.contracts import (
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_groups
 from riffusion.schemas import GenerationJob
 from riffusion.step_plan import plan_step
+from riffusion.step_timer import StepTimer
 
 __all__ = [
     "Engine",
@@ -227,6 +228,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.step_times = StepTimes()
+        self._step_timer = StepTimer(pipeline.device)
         self._lock = threading.Condition()  # over an RLock: submit_together nests submits
         self._waiting: list[tuple[tuple[bool, float], int, EngineJob]] = []  # by (rank, order)
         self._running: list[EngineJob] = []
@@ -444,11 +446,13 @@ class Engine:
         batch_size = len(stepping)
         work = sum(e.work for e in stepping)
         by_state = {id(e.prepared): e for e in stepping}
+        timed = self._step_timer.begin()
         for group in step_groups([e.prepared for e in stepping]):
             self._step_group(group, by_state)
-        seconds = time.monotonic() - began
-        self.step_times.observe(work, seconds)
-        self.observer.on_step(batch_size, seconds, 2 * batch_size)
+        self._step_timer.end(timed, work, batch_size)
+        for step in self._step_timer.done():  # on CUDA: the device's time, a step or two late
+            self.step_times.observe(step.work, step.seconds)
+            self.observer.on_step(step.batch_size, step.seconds, 2 * step.batch_size)
         finished = [e for e in self._running if not e.answered and e.prepared.finished]
         self._running = [e for e in self._running if not e.answered and not e.prepared.finished]
         for entry in finished:

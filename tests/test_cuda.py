@@ -7,7 +7,8 @@ it; same compute as the checkpoint, no download). What they check:
 2. the traced and the compiled UNet against eager at every batch bucket the engine
    forms (1..16 samples: up to 8 jobs of 2 guided samples);
 3. Griffin-Lim on CUDA against the CPU's, from the same generator;
-4. a job that joins the engine mid-way on CUDA, against the job alone;
+4. a job that joins the engine mid-way on CUDA, against the job alone, and the step
+   times the engine learns there: the device's, not the host's;
 5. the peak GPU memory of a full batch (8 clips of 512 px, the web app's request)
    under an A10G's 24 GB.
 
@@ -160,6 +161,41 @@ def test_a_job_that_joins_the_engine_mid_way_on_cuda_matches_the_job_alone(
         print(f"joined mid-way: latents {error:.3g}, pixels max {diff.max()}")
         assert error <= 1e-2
         assert diff.max() <= 2
+
+
+def test_the_engine_learns_its_steps_device_time_not_the_hosts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Nothing in a step waits for the GPU: the step times the engine plans and admits
+    with must be the device's (riffusion/step_timer.py), not the host's queueing time."""
+    pipeline = RiffusionPipeline(  # not paced: the host must not wait between steps
+        build_tiny_components(device=CUDA),
+        seed_images=write_library(tmp_path_factory.mktemp("seed_images")),
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
+    )
+    cycles = 20_000_000
+
+    def busy_unet(latents: torch.Tensor, *_: object) -> torch.Tensor:
+        torch.cuda._sleep(cycles)  # the device busy; the host goes on at once
+        return torch.zeros_like(latents)
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    device_s = start.elapsed_time(end) / 1000
+    pipeline.unet_forward = busy_unet  # type: ignore[assignment]
+    job = GenerationJob(start=PromptInput(prompt="bells", seed=1), num_inference_steps=12, width=64)
+    engine, recorder = make_engine(pipeline)
+    try:
+        engine.submit(job).future.result(timeout=120)
+    finally:
+        engine.stop()
+    learned_s = engine.step_times.step_s(1)
+    print(f"a step's device time {device_s * 1000:.1f} ms, learned {learned_s * 1000:.1f} ms")
+    assert 0.8 * device_s <= learned_s <= 1.5 * device_s
+    assert recorder.step_seconds and min(recorder.step_seconds) >= 0.8 * device_s
 
 
 def test_peak_memory_of_a_full_batch_of_full_size_clips_fits_an_a10g(

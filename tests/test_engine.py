@@ -67,6 +67,7 @@ class Recorder(EngineObserver):
         self.outcomes: Counter[str] = Counter()
         self.samples_by_outcome: Counter[str] = Counter()
         self.batch_sizes: list[int] = []
+        self.step_seconds: list[float] = []
         self.steps = threading.Semaphore(0)
         self.lock = threading.Lock()
         self.parked = 0  # job-steps sat out
@@ -80,6 +81,7 @@ class Recorder(EngineObserver):
 
     def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
         self.batch_sizes.append(batch_size)
+        self.step_seconds.append(seconds)
         self.steps.release()
 
     def on_outcome(self, outcome: str, unet_samples: int) -> None:
