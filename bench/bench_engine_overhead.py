@@ -7,7 +7,8 @@ zero noise, so what a step takes beyond the stand-in's call is the engine's and 
 pipeline's own work: batching the inputs, the scheduler steps, guidance, mask blend,
 admission checks and bookkeeping. Text-to-audio jobs, 50 steps,
 all submitted together (``Engine.submit_together``: every step is a full batch); the
-time between consecutive steps is read from the engine's observer, and the stand-in's
+time between the starts of consecutive steps (``denoise_step`` calls) is the engine
+loop's period, and the stand-in's
 own call, timed around it at each step, is taken out of it: its zero output and the
 wait's overshoot are measured, not assumed, and are not the engine's. The first two
 steps and the last are left out; the median over the steps is reported.
@@ -55,7 +56,6 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -69,7 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from riffusion.audio import Audio
 from riffusion.emulation import PROFILES
-from riffusion.engine import Engine, EngineConfig, EngineObserver
+from riffusion.engine import Engine, EngineConfig
 from riffusion.models import build_tiny_components
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline
 from riffusion.schemas import GenerationJob, PromptInput, SchedulerName
@@ -152,13 +152,19 @@ def tensor_bytes(value: Any) -> int:
 
 
 class TimedSteps:
-    """Wraps ``pipeline.denoise_step``: how long each call took; counts its traffic
-    (a ``TrafficCounter`` per call) when ``count`` is set."""
+    """Wraps ``pipeline.denoise_step``: when each call began (the engine's step loop comes
+    round once per call) and how long it took; counts its traffic (a ``TrafficCounter``
+    per call) when ``count`` is set.
+
+    The loop's period is read here rather than from the engine's observer: on CUDA the
+    engine reports a step once the device has passed it (riffusion/step_timer.py), a
+    step or two late, so its reports do not mark when the host's steps end."""
 
     def __init__(self, pipeline: RiffusionPipeline, unet: StandInUNet, count: bool) -> None:
         self.step = pipeline.denoise_step
         self.unet = unet
         self.count = count
+        self.starts: list[tuple[int, float, float]] = []  # (jobs, perf_counter, CPU time)
         self.seconds: list[tuple[int, float]] = []  # (jobs, seconds of the call)
         self.traffic: list[tuple[int, int]] = []  # (ops, bytes) per call
 
@@ -170,20 +176,9 @@ class TimedSteps:
             self.traffic.append((counter.ops, counter.bytes))
             return
         began = time.perf_counter()
+        self.starts.append((len(batch), began, time.thread_time()))
         self.step(batch)
         self.seconds.append((len(batch), time.perf_counter() - began))
-
-
-class StepClock(EngineObserver):
-    """When each step ended: (jobs, perf_counter, the engine thread's CPU time)."""
-
-    def __init__(self) -> None:
-        self.ends: list[tuple[int, float, float]] = []
-        self.lock = threading.Lock()
-
-    def on_step(self, batch_size: int, seconds: float, unet_samples: int) -> None:
-        with self.lock:
-            self.ends.append((batch_size, time.perf_counter(), time.thread_time()))
 
 
 def steady(values: list[float]) -> float:
@@ -211,15 +206,14 @@ def run_jobs(
     steps: int,
     scheduler: SchedulerName | None,
     count: bool = False,
-) -> tuple[StepClock, StandInUNet, TimedSteps]:
+) -> tuple[StandInUNet, TimedSteps]:
     """``jobs`` jobs of ``steps`` steps through an engine, submitted together."""
-    clock = StepClock()
     stand_in: StandInUNet = pipeline.unet_forward  # type: ignore[assignment]
     unet = StandInUNet(stand_in.seconds, stand_in.wait)
     pipeline.unet_forward = unet
     timed = TimedSteps(pipeline, unet, count)
     pipeline.denoise_step = timed  # type: ignore[method-assign]
-    engine = Engine(pipeline, EngineConfig(max_batch_size=jobs, postprocess="inline"), clock)
+    engine = Engine(pipeline, EngineConfig(max_batch_size=jobs, postprocess="inline"))
     try:
         entries = engine.submit_together(
             [
@@ -245,7 +239,7 @@ def run_jobs(
     finally:
         engine.stop()
         del pipeline.denoise_step  # back to the class's method
-    return clock, unet, timed
+    return unet, timed
 
 
 def measure(
@@ -255,25 +249,26 @@ def measure(
     engine's and pipeline's own part of it (the interval less the stand-in's call at
     that step), and its parts (the rest of ``denoise_step`` beyond the UNet call, the
     engine around it, the stand-in beyond its sleep), each the median over the steps."""
-    clock, unet, timed = run_jobs(pipeline, jobs, steps, scheduler)
-    full = [(at, cpu) for batch, at, cpu in clock.ends if batch == jobs]
+    unet, timed = run_jobs(pipeline, jobs, steps, scheduler)
+    full = [(at, cpu) for batch, at, cpu in timed.starts if batch == jobs]
     intervals = [later[0] - earlier[0] for earlier, later in itertools.pairwise(full)]
     cpu_intervals = [later[1] - earlier[1] for earlier, later in itertools.pairwise(full)]
     steps_s = [seconds for batch, seconds in timed.seconds if batch == jobs]
     unet_s = [seconds for batch, seconds, _ in unet.calls if batch == jobs]
     unet_cpu = [cpu for batch, _, cpu in unet.calls if batch == jobs]
-    # Step k + 1 (its UNet call and its denoise_step) runs within interval k.
+    # Interval k runs from step k's start to step k + 1's: step k (its UNet call and its
+    # denoise_step), then the engine's work until it starts the next.
     return {
         "interval": steady(intervals),
         # everything but the stand-in's call
-        "own": steady([i - call for i, call in zip(intervals, unet_s[1:], strict=False)]),
+        "own": steady([i - call for i, call in zip(intervals, unet_s, strict=False)]),
         # the same in the engine thread's CPU time: what its work took, not counting the
         # time other processes on these cores took the CPU from it
-        "own_cpu": steady([i - c for i, c in zip(cpu_intervals, unet_cpu[1:], strict=False)]),
+        "own_cpu": steady([i - c for i, c in zip(cpu_intervals, unet_cpu, strict=False)]),
         # inputs, guidance, scheduler steps, mask blend
         "pipeline": steady([step - call for step, call in zip(steps_s, unet_s, strict=True)]),
         # admission checks, planning, grouping, bookkeeping, observer
-        "engine": steady([i - step for i, step in zip(intervals, steps_s[1:], strict=False)]),
+        "engine": steady([i - step for i, step in zip(intervals, steps_s, strict=False)]),
         # the stand-in's zero output and the sleep's overshoot (not the engine's)
         "stand_in_extra": steady([call - unet.seconds for call in unet_s]),
     }
@@ -283,7 +278,7 @@ def count_traffic(
     pipeline: RiffusionPipeline, jobs: int, steps: int, scheduler: SchedulerName | None
 ) -> tuple[int, int]:
     """(tensor ops, bytes) of a steady step of ``jobs`` jobs (past the multistep warm-up)."""
-    _, _, timed = run_jobs(pipeline, jobs, steps, scheduler, count=True)
+    _, timed = run_jobs(pipeline, jobs, steps, scheduler, count=True)
     ops, moved = zip(*timed.traffic[5:-1], strict=True)
     return int(statistics.median(ops)), int(statistics.median(moved))
 
