@@ -149,6 +149,8 @@ class RiffusionModel:
             default_timeout_s=SETTINGS.request_timeout_s,
         )
         self.engine = Engine(self.pipeline, config, EngineMetrics(self.pipeline.unet_forward))
+        # Before ready: deadlines and listener admission priced from the first request.
+        self.step_calibration_s = self.engine.calibrate()
         self.admission = ListenerAdmission(
             self.engine.step_times,
             max_batch_size=batch_size,
@@ -190,6 +192,10 @@ class RiffusionModel:
             "batching": self.batching,
             "max_batch_size": SETTINGS.max_batch_size,
             "warm_up_s": round(self.warm_up_s, 3),
+            "step_calibration_ms": {
+                str(jobs): round(seconds * 1000, 3)
+                for jobs, seconds in self.step_calibration_s.items()
+            },
         }
 
     if ADAPTIVE:

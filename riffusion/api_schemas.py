@@ -292,6 +292,11 @@ class ModelInfo(BaseModel):
     warm_up_s: float = Field(
         default=0.0, description="Seconds of the one-step clip generated at start-up, before ready."
     )
+    step_calibration_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Milliseconds of a denoising step by jobs in it (one, and a full batch), "
+        "measured at start-up: what deadlines and listener admission are priced from first.",
+    )
 
 
 # ------------------------------------------------- API service <-> model service

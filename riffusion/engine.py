@@ -60,9 +60,9 @@ from riffusion.contracts import (
     PostProcessMode,
 )
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline, group_by, step_groups
-from riffusion.schemas import GenerationJob
+from riffusion.schemas import GenerationJob, PromptInput
 from riffusion.step_plan import plan_step
-from riffusion.step_timer import StepTimer
+from riffusion.step_timer import StepTimer, synchronize
 
 __all__ = [
     "Engine",
@@ -323,6 +323,37 @@ class Engine:
             entry.cancel_requested = True
             self._lock.notify_all()
         return True
+
+    def calibrate(self, steps: int = 3) -> dict[int, float]:
+        """Measure a step of one job and of a full batch, before any job is submitted.
+
+        ``StepTimes`` otherwise learns from the first requests: until then it knows no
+        step (deadlines are not checked, only one listener is admitted, unmeasured) and
+        then one batch size only. Calibrated, a replica prices a batch from its first
+        second and can refuse even the first listener its device cannot serve. Default-
+        width text-to-audio jobs step ``steps`` times at each size, the device
+        synchronized around each step; a size's first step pays its shapes' one-off
+        costs and is not counted. Not through the observer: no job ran. Returns
+        {jobs: seconds of its last step}.
+        """
+        measured: dict[int, float] = {}
+        for jobs in sorted({1, self.config.max_batch_size}):
+            states = [
+                self.pipeline.prepare(
+                    GenerationJob(start=PromptInput(prompt="calibration", seed=index))
+                )
+                for index in range(jobs)
+            ]
+            work = sum(math.prod(state.latent_shape) for state in states)
+            for step in range(steps):
+                synchronize(self.pipeline.device)
+                began = time.perf_counter()
+                self.pipeline.denoise_step(states)
+                synchronize(self.pipeline.device)
+                measured[jobs] = time.perf_counter() - began
+                if step > 0:
+                    self.step_times.observe(work, measured[jobs])
+        return measured
 
     def queue_lengths(self) -> tuple[int, int]:
         """(waiting, running) jobs right now."""

@@ -56,6 +56,12 @@ class _Pending:
     batch_size: int = 0
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (nothing to wait for on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepTimer:
     """Times engine steps: wall time on a CPU, the device's own on CUDA (see the module)."""
 

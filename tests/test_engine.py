@@ -32,6 +32,7 @@ from riffusion.engine import (
     StepTimes,
     expected_steps,
 )
+from riffusion.listeners import Demand, ListenerAdmission
 from riffusion.models import build_tiny_components
 from riffusion.pipeline import GeneratedClip, JobState, RiffusionPipeline
 from riffusion.schemas import GenerationJob, PromptInput
@@ -526,6 +527,30 @@ def test_step_times_fit_overhead_plus_work_and_skip_the_warm_up_step() -> None:
     assert times.step_s(512) == pytest.approx(0.05)
     assert times.step_s(2048) == pytest.approx(0.08)
     assert times.step_s(8192) == pytest.approx(0.2)
+
+
+def test_calibration_measures_one_job_and_a_full_batch_before_any_job(
+    pipeline: PacedPipeline,
+) -> None:
+    engine, recorder = make_engine(pipeline, max_batch_size=4)
+    try:
+        assert not engine.step_times.measured
+        measured = engine.calibrate()
+        assert set(measured) == {1, 4}
+        # The paced pipeline sleeps after every step: a step costs at least the pause.
+        assert all(seconds >= STEP_PAUSE_S for seconds in measured.values())
+        # Two batch sizes: a line, so a batch is priced by its own size from the start.
+        work = 64 * 64  # a default-width clip's latent pixels
+        assert engine.step_times.step_s_at_most(4 * work) == engine.step_times.step_s(4 * work)
+        assert engine.step_times.step_s(work) >= STEP_PAUSE_S
+        # A device that cannot keep even one listener in real time refuses the first.
+        gate = ListenerAdmission(engine.step_times, 4, overlapped_postprocess=False)
+        slow = Demand(steps=round(6.0 / engine.step_times.step_s(work)), work=work, period_s=5.12)
+        decision = gate.open("first", slow)
+        assert not decision.accepted and "full" in decision.message
+        assert recorder.batch_sizes == []  # no job ran: nothing for the observer
+    finally:
+        engine.stop()
 
 
 def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(

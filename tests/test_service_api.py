@@ -123,6 +123,8 @@ def test_model_info_reports_the_tiny_model(client: Any) -> None:
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["unet_backend"] == "eager"
     assert info["warm_up_s"] > 0  # one generation ran before the service took requests
+    # A step measured before ready, at one job (the CPU's batch: batching off).
+    assert set(info["step_calibration_ms"]) == {"1"} and info["step_calibration_ms"]["1"] > 0
 
 
 def test_openapi_documents_typed_endpoints(client: Any) -> None:
