@@ -52,6 +52,7 @@ class ListenerResult:
     accepted: bool
     open_ms: float
     retry_after_s: float | None = None
+    refused_message: str = ""  # the server's reason, when refused
     clips: int = 0
     underruns: list[float] = field(default_factory=list)
     first_clip_s: float | None = None
@@ -70,6 +71,7 @@ def _listen(url: str, index: int, steps: int, until: float, result: ListenerResu
         result.accepted = answer.get("type") == "accepted"
         result.open_ms = listener.report.open_s * 1000
         result.retry_after_s = answer.get("retry_after_s")
+        result.refused_message = listener.report.refused_message
         if result.accepted:
             for clip in listener.clips(seconds=max(0.0, until - time.monotonic())):
                 result.clip_timings.append({"due_in_s": clip["due_in_s"], **clip["timings"]})
