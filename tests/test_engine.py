@@ -553,6 +553,23 @@ def test_calibration_measures_one_job_and_a_full_batch_before_any_job(
         engine.stop()
 
 
+def test_a_calibration_size_that_fails_is_left_to_the_requests(library: SeedImageLibrary) -> None:
+    small = PacedPipeline(
+        build_tiny_components(device="cpu"),
+        seed_images=library,
+        spectrogram_params=SpectrogramParams(num_griffin_lim_iters=2),
+    )
+    small.max_step_batch = 2  # a full batch of 4 runs out of memory
+    engine, recorder = make_engine(small, max_batch_size=4)
+    try:
+        assert set(engine.calibrate()) == {1}  # the service still starts
+        assert engine.step_times.measured
+        engine.submit(job("after calibration", steps=2)).future.result(timeout=120)
+        assert recorder.outcomes == {"completed": 1}  # served as before
+    finally:
+        engine.stop()
+
+
 def test_a_job_due_sooner_is_served_first_and_does_not_expire_when_due(
     pipeline: PacedPipeline,
 ) -> None:
