@@ -51,6 +51,7 @@ from riffusion.schedulers import make_scheduler
 from riffusion.schemas import GenerationJob, PromptInput
 from riffusion.seed_images import SeedImageLibrary
 from riffusion.spectrogram import SpectrogramParams
+from riffusion.step_timer import synchronize
 from riffusion.unet_backends import trace_unet
 
 # Dense fp16 tensor-core peaks (TFLOP/s) by device-name fragment.
@@ -118,11 +119,6 @@ def sd15_random_components(device: torch.device, dtype: torch.dtype) -> Riffusio
         device=device,
         dtype=dtype,
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:

@@ -15,6 +15,9 @@ device's current one. So on CUDA:
    never a wait), in order, each with the device time between its two events; the
    engine calls it after every step, so a step's time arrives a step or two late.
 
+On a CPU the same two calls take ``HostEvent``s: the host's clock, passed as soon as
+recorded, so ``done`` returns each step at once with its wall time.
+
 The device time between the events includes any kernels another thread queued on the
 same stream meanwhile (the post-processing thread's decodes): the device was busy with
 them during the step, as a step's wall time on a CPU includes whatever shares its core.
@@ -41,6 +44,23 @@ class TimingEvent(Protocol):
     def elapsed_time(self, end_event: Any) -> float: ...
 
 
+class HostEvent:
+    """A timing event on the host's clock, passed as soon as it is recorded (a CPU's
+    step is done when its call returns)."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event: HostEvent) -> float:
+        return (end_event.at - self.at) * 1000  # milliseconds, as CUDA's events give them
+
+
 @dataclass(frozen=True)
 class TimedStep:
     work: int  # latent pixels of every job in the step
@@ -48,12 +68,12 @@ class TimedStep:
     seconds: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Pending:
-    start: TimingEvent | float  # an event on a device, perf_counter() seconds on the host
-    end: TimingEvent | None = None
-    work: int = 0
-    batch_size: int = 0
+    start: TimingEvent
+    end: TimingEvent
+    work: int
+    batch_size: int
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -70,39 +90,29 @@ class StepTimer:
         device: torch.device | str,
         event_factory: Callable[[], TimingEvent] | None = None,
     ) -> None:
-        on_cuda = torch.device(device).type == "cuda"
-        if event_factory is None and on_cuda:
-            event_factory = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        if event_factory is None:
+            on_cuda = torch.device(device).type == "cuda"
+            event_factory = (lambda: torch.cuda.Event(enable_timing=True)) if on_cuda else HostEvent
         self._new_event = event_factory
         self._pending: deque[_Pending] = deque()
-        self._finished: list[TimedStep] = []
 
-    def begin(self) -> _Pending:
+    def begin(self) -> TimingEvent:
         """Before a step's work is queued."""
-        if self._new_event is None:
-            return _Pending(time.perf_counter())
-        event = self._new_event()
-        event.record()
-        return _Pending(event)
+        start = self._new_event()
+        start.record()
+        return start
 
-    def end(self, step: _Pending, work: int, batch_size: int) -> None:
+    def end(self, start: TimingEvent, work: int, batch_size: int) -> None:
         """After the step's work is queued."""
-        step.work, step.batch_size = work, batch_size
-        if self._new_event is None:
-            assert isinstance(step.start, float)
-            seconds = time.perf_counter() - step.start
-            self._finished.append(TimedStep(work, batch_size, seconds))
-            return
-        step.end = self._new_event()
-        step.end.record()
-        self._pending.append(step)
+        end = self._new_event()
+        end.record()
+        self._pending.append(_Pending(start, end, work, batch_size))
 
     def done(self) -> list[TimedStep]:
         """The steps whose time is known since the last call, oldest first."""
-        while self._pending and self._pending[0].end is not None and self._pending[0].end.query():
+        finished = []
+        while self._pending and self._pending[0].end.query():
             step = self._pending.popleft()
-            assert not isinstance(step.start, float) and step.end is not None
             seconds = step.start.elapsed_time(step.end) / 1000  # elapsed_time is in ms
-            self._finished.append(TimedStep(step.work, step.batch_size, seconds))
-        finished, self._finished = self._finished, []
+            finished.append(TimedStep(step.work, step.batch_size, seconds))
         return finished
