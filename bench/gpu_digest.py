@@ -120,13 +120,15 @@ def cuda_tests(out: Path) -> str:
     return "\n".join(lines)
 
 
-def pipeline_rows(out: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The per-batch rows, and the ``costs`` rows by what they cost (a backend, or
-    ``postprocessing``)."""
+def pipeline_rows(
+    out: Path,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The per-batch rows, the ``costs`` rows by what they cost (a backend, or
+    ``postprocessing``), and the rows that report an error."""
     rows = read_jsonl(out / "pipeline.jsonl")
     batches = [row for row in rows if "backend" in row and "batch" in row]
     costs = {row["costs"]: row for row in rows if "costs" in row}
-    return batches, costs
+    return batches, costs, [row for row in rows if "error" in row]
 
 
 def fastest_backend(batches: Sequence[dict[str, Any]]) -> str | None:
@@ -144,11 +146,10 @@ def fastest_backend(batches: Sequence[dict[str, Any]]) -> str | None:
 
 
 def pipeline(out: Path) -> str:
-    batches, _ = pipeline_rows(out)
+    batches, _, errors = pipeline_rows(out)
     keys = ["backend", "batch", "batch_latency_s", "clips_per_s"]
     keys += ["speedup_vs_diffusers_baseline", "x_flop_floor", "unet_step_ms_batch2"]
     lines = [table(keys, [[_round(row.get(key)) for key in keys] for row in batches])]
-    errors = [row for row in read_jsonl(out / "pipeline.jsonl") if "error" in row]
     lines += [f"- {row.get('backend', row.get('costs'))}: {row['error']}" for row in errors]
     best = fastest_backend(batches)
     lines.append(
@@ -161,7 +162,7 @@ def pipeline(out: Path) -> str:
 
 def measured_costs(out: Path) -> dict[str, Cost]:
     """Each accelerated call's fitted line (seconds), the UNet's from the fastest backend."""
-    batches, costs = pipeline_rows(out)
+    batches, costs, _ = pipeline_rows(out)
     best = fastest_backend(batches)
     sources = {"unet_step_ms": costs.get(best or "", {})}
     sources |= dict.fromkeys(COST_TERMS.keys() - {"unet_step_ms"}, costs.get("postprocessing", {}))
